@@ -1,0 +1,83 @@
+"""Input validation for the public ops: clear ValueError/TypeError naming the argument, before any kernel."""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+IMPLS = ("auto", "triton", "torch")
+DISTS = ("gaussian", "bernoulli")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def float_tensor(name: str, t: object) -> Tensor:
+    """`t` must be a floating-point tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def same_device(**tensors: Tensor) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name in names[1:]:
+        if tensors[name].device != first.device:
+            raise ValueError(
+                f"`{name}` is on {tensors[name].device} but `{names[0]}` is on {first.device}; "
+                "move them to the same device"
+            )
+
+
+def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}")
+    return int(value)
+
+
+def real_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: object, **tensors: Tensor) -> str:
+    """Pick "triton" or "torch" for these (already validated, same-device) tensors.
+
+    "auto": Triton for CUDA tensors of a kernel dtype (fp32, bf16, fp16), the reference otherwise.
+    "triton": demands a CUDA device (or TRITON_INTERPRET=1 on the CPU) and kernel dtypes.
+    """
+    impl = choice("impl", impl, IMPLS)
+    device = next(iter(tensors.values())).device
+    kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors.values())
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and kernel_dtypes else "torch"
+    if impl == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got tensors on {device}. Use impl='torch' (or 'auto'), "
+                "or set TRITON_INTERPRET=1 to run the kernels on the CPU under Triton's (slow) interpreter"
+            )
+        for name, t in tensors.items():
+            if t.dtype not in KERNEL_DTYPES:
+                raise TypeError(
+                    f"impl='triton' takes float32, bfloat16 or float16 for `{name}`, got {t.dtype}; "
+                    "use impl='torch' for other dtypes"
+                )
+    return impl

@@ -1,0 +1,168 @@
+"""Triton kernels of the latent step: reparameterised sample, analytic KL and log-ratio in one pass.
+
+Forward, one launch: read mu and logvar (B, K), draw eps ~ N(0, I) in-kernel with Philox
+(`tl.randn(seed, counter)`), write z (S, B, K), kl (B,) and log p(z) - log q(z|x) (S, B).
+Backward, one launch: regenerate the same eps from the same seed and counters and write
+dmu, dlogvar (B, K). No eps tensor is kept between the two.
+
+The Philox counter of element (s, b, k) is its flat index s*B*K + b*K + k, so the noise does not
+depend on block sizes or on the grid. The seed is a one-element int64 tensor on the device,
+read in-kernel, so a captured CUDA graph draws new noise on each replay without a host sync.
+Arithmetic is fp32 whatever the input dtype; kl and log_ratio are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import INTERPRET, next_power_of_2, num_warps_for
+
+
+@triton.jit
+def _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER: tl.constexpr):
+    """eps for a tile; sample_row0 = s*B (int64), rows and cols are int64 index vectors.
+
+    The counter is the flat index of the element in z (S, B, K).
+    """
+    counter = (sample_row0 + rows[:, None]) * K + cols[None, :]
+    if not WIDE_COUNTER:
+        counter = counter.to(tl.int32)
+    return tl.randn(seed, counter)
+
+
+@triton.jit
+def _latent_fwd_kernel(
+    mu_ptr, lv_ptr, seed_ptr, z_ptr, kl_ptr, lr_ptr,
+    B, K,
+    stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr,
+):
+    # grid: (cdiv(B, BLOCK_B), S). Each program owns BLOCK_B rows of one sample s and loops over K.
+    pid_b = tl.program_id(0)
+    s = tl.program_id(1)
+    sample_row0 = (s * B).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_mask = rows < B
+    kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    lr_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_k, mask=mask, other=0.0)
+        lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_k, mask=mask, other=0.0)
+        mu = mu.to(tl.float32)
+        lv = lv.to(tl.float32)
+        eps = _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER)
+        std = tl.exp(0.5 * lv)
+        z = mu + std * eps
+        tl.store(z_ptr + (sample_row0 + rows[:, None]) * K + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+        kl_acc += tl.sum(tl.where(mask, std * std + mu * mu - 1.0 - lv, 0.0), axis=1)
+        lr_acc += tl.sum(tl.where(mask, eps * eps - z * z + lv, 0.0), axis=1)
+    tl.store(kl_ptr + rows, 0.5 * kl_acc, mask=row_mask & (s == 0))
+    tl.store(lr_ptr + sample_row0 + rows, 0.5 * lr_acc, mask=row_mask)
+
+
+@triton.jit
+def _latent_bwd_kernel(
+    mu_ptr, lv_ptr, seed_ptr, gz_ptr, gkl_ptr, glr_ptr, dmu_ptr, dlv_ptr,
+    B, K, S,
+    stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
+    stride_gz_s, stride_gz_b, stride_gz_k, stride_gkl, stride_glr_s, stride_glr_b,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr,
+):
+    # grid: (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)). Each program owns one tile and loops over the S samples.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    row_mask = rows < B
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    seed = tl.load(seed_ptr)
+    mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_k, mask=mask, other=0.0)
+    lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_k, mask=mask, other=0.0)
+    mu = mu.to(tl.float32)
+    lv = lv.to(tl.float32)
+    std = tl.exp(0.5 * lv)
+    # d kl / d mu = mu, d kl / d logvar = 0.5 * (exp(logvar) - 1)
+    gkl = tl.load(gkl_ptr + rows * stride_gkl, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    dmu = gkl * mu
+    dlv = gkl * 0.5 * (std * std - 1.0)
+    gz_offs = rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_k
+    glr_offs = rows * stride_glr_b
+    for s in range(0, S):
+        eps = _noise(seed, (s * B).to(tl.int64), rows, cols, K, WIDE_COUNTER)
+        z = mu + std * eps
+        gz = tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
+        glr = tl.load(glr_ptr + glr_offs, mask=row_mask, other=0.0)
+        gz_offs += stride_gz_s
+        glr_offs += stride_glr_s
+        glr = glr.to(tl.float32)[:, None]
+        # dz/dmu = 1, dz/dlogvar = 0.5*std*eps; d lr/dz = -z, and lr has a direct 0.5 per logvar.
+        gz_total = gz - glr * z
+        dmu += gz_total
+        dlv += gz_total * 0.5 * std * eps + 0.5 * glr
+    out_offs = rows[:, None] * K + cols[None, :]
+    tl.store(dmu_ptr + out_offs, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dlv_ptr + out_offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(B: int, K: int) -> tuple[int, int]:
+    block_k = min(next_power_of_2(K), 128 if not INTERPRET else 1024)
+    tile = 4096 if not INTERPRET else 16384
+    block_b = max(1, min(next_power_of_2(B), tile // block_k))
+    return block_b, block_k
+
+
+def _wide_counter(samples: int, B: int, K: int) -> bool:
+    return samples * B * K >= 2**31
+
+
+def latent_forward(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel. mu, logvar: (B, K) any strides; seed: int64 (1,) on the same device.
+
+    Returns z (S, B, K) contiguous in mu's dtype, kl (B,) fp32, log_ratio (S, B) fp32.
+    """
+    B, K = mu.shape
+    z = torch.empty((samples, B, K), dtype=mu.dtype, device=mu.device)
+    kl = torch.empty((B,), dtype=torch.float32, device=mu.device)
+    lr = torch.empty((samples, B), dtype=torch.float32, device=mu.device)
+    if B == 0:
+        return z, kl, lr
+    if K == 0:
+        return z, kl.zero_(), lr.zero_()
+    block_b, block_k = _blocks(B, K)
+    grid = (triton.cdiv(B, block_b), samples)
+    _latent_fwd_kernel[grid](
+        mu, logvar, seed, z, kl, lr, B, K,
+        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
+        BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
+        num_warps=num_warps_for(block_b * block_k),
+    )
+    return z, kl, lr
+
+
+def latent_backward(
+    grad_z: Tensor, grad_kl: Tensor, grad_lr: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Launch the backward kernel. grad_z: (S, B, K); grad_kl: (B,); grad_lr: (S, B); any strides.
+
+    Returns dmu, dlogvar (B, K) contiguous, in mu's and logvar's dtypes.
+    """
+    samples, B, K = grad_z.shape
+    dmu = torch.empty((B, K), dtype=mu.dtype, device=mu.device)
+    dlv = torch.empty((B, K), dtype=logvar.dtype, device=logvar.device)
+    if B == 0 or K == 0:
+        return dmu, dlv
+    block_b, block_k = _blocks(B, K)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(K, block_k))
+    _latent_bwd_kernel[grid](
+        mu, logvar, seed, grad_z, grad_kl, grad_lr, dmu, dlv, B, K, samples,
+        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
+        grad_z.stride(0), grad_z.stride(1), grad_z.stride(2), grad_kl.stride(0),
+        grad_lr.stride(0), grad_lr.stride(1),
+        BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
+        num_warps=num_warps_for(block_b * block_k),
+    )
+    return dmu, dlv

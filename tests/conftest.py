@@ -1,0 +1,28 @@
+"""Shared fixtures. Without CUDA, Triton kernels run under the interpreter (set before triton loads)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# The device the fused kernels run on in this session: the GPU, or the CPU under the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    return KERNEL_DEVICE
