@@ -124,8 +124,8 @@ def log_likelihood_launch(
 
     x: (B, D); log_scale: None (use the float `log_scale_const`) or a tensor broadcastable to out.
     row_weights: (S*B,)-viewable weights w_r, or None to use `row_weight_const` for every row.
-    Returns (logp (S*B,) fp32 nats, dout like out contiguous, dls like out contiguous); the gradient
-    outputs are empty (0,) tensors unless asked for.
+    Returns (logp (S*B,) fp32 nats, dout like out (contiguous, out's dtype), dls like out (contiguous,
+    fp32, to be reduced to the log-scale's shape)); the gradient outputs are empty (0,) unless asked for.
     """
     shape = (1, *out.shape) if out.dim() == 2 else tuple(out.shape)
     S, B, D = shape
@@ -133,8 +133,7 @@ def log_likelihood_launch(
     dev = out.device
     logp = torch.empty((R,) if write_logp else (0,), dtype=torch.float32, device=dev)
     dout = torch.empty(out.shape if write_dout else (0,), dtype=out.dtype, device=dev)
-    ls_dtype = log_scale.dtype if log_scale is not None else out.dtype
-    dls = torch.empty(out.shape if write_dls else (0,), dtype=ls_dtype, device=dev)
+    dls = torch.empty(out.shape if write_dls else (0,), dtype=torch.float32, device=dev)
     if R == 0:
         return logp, dout, dls
     if D == 0:

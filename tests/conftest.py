@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device() -> torch.device:
     return KERNEL_DEVICE
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make torch.empty return NaN-filled floats (and -7 for ints), so an unwritten output fails a test."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return empty

@@ -24,7 +24,8 @@ def _data_grad(dist: str, dout: Tensor, out: Tensor, row_weight: Tensor, x: Tens
 
 
 def _reduce_log_scale_grad(dls: Tensor, log_scale: Tensor | None) -> Tensor | None:
-    return None if log_scale is None else dls.sum_to_size(log_scale.shape)
+    """Sum the elementwise fp32 gradient over the broadcast dimensions, then cast to the log-scale's dtype."""
+    return None if log_scale is None else dls.sum_to_size(log_scale.shape).to(log_scale.dtype)
 
 
 def _fake_grads(out: Tensor, log_scale: Tensor | None, need_dls: bool) -> tuple[Tensor, Tensor]:
@@ -141,12 +142,18 @@ def _elbo_setup_context(ctx, inputs, output) -> None:
     x, out, log_scale, _, dist, need_dls = inputs
     _, _, dout, dls, applied = output
     ctx.dist, ctx.need_dls, ctx.rows = dist, need_dls, max(out.shape[:-1].numel(), 1)
+    # The stash is rescaled in place by each backward, so it is held on ctx rather than saved with
+    # save_for_backward (whose version check would refuse a second backward under retain_graph).
+    # Being non-differentiable outputs, they hold no reference back to this node.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.stash = (dout, dls, applied)
     # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits).
-    ctx.save_for_backward(dout, dls, applied, out if x.requires_grad else None, x if x.requires_grad else None)
+    ctx.save_for_backward(out if x.requires_grad else None, x if x.requires_grad else None)
 
 
 def _elbo_backward(ctx, grad_nll: Tensor, *unused: Tensor):
-    dout, dls, applied, out, x = ctx.saved_tensors
+    dout, dls, applied = ctx.stash
+    out, x = ctx.saved_tensors
     rescale_grads_op(dout, dls, applied, grad_nll)
     dx = None
     if ctx.needs_input_grad[0]:
