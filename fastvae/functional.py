@@ -60,7 +60,7 @@ def sample_latent(mu: Tensor, logvar: Tensor, *, samples: int = 1, impl: str = "
     and kl (B,) fp32 nats (summed over K). impl: "auto" (Triton on CUDA), "triton" or "torch".
     """
     z, kl, _ = sample_latent_iw(mu, logvar, samples=samples, impl=impl)
-    return (z[0] if samples == 1 else z), kl
+    return (z.squeeze(0) if samples == 1 else z), kl
 
 
 def _check_likelihood_inputs(x: object, out: object, dist: object, log_scale: object) -> Tensor | float | None:

@@ -146,12 +146,15 @@ def _elbo_setup_context(ctx, inputs, output) -> None:
     # save_for_backward (whose version check would refuse a second backward under retain_graph).
     # Being non-differentiable outputs, they hold no reference back to this node.
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient buffers for the stash outputs
     ctx.stash = (dout, dls, applied)
     # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits).
     ctx.save_for_backward(out if x.requires_grad else None, x if x.requires_grad else None)
 
 
-def _elbo_backward(ctx, grad_nll: Tensor, *unused: Tensor):
+def _elbo_backward(ctx, grad_nll: Tensor | None, *unused: Tensor | None):
+    if grad_nll is None:
+        return None, None, None, None, None, None
     dout, dls, applied = ctx.stash
     out, x = ctx.saved_tensors
     rescale_grads_op(dout, dls, applied, grad_nll)

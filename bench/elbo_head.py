@@ -1,0 +1,335 @@
+"""Benchmark of the ELBO head: `sample_latent` + `elbo_loss`, forward and backward.
+
+Implementations, measured in the same run:
+  eager    the pure-PyTorch reference (impl="torch")
+  compile  torch.compile of the reference
+  fused    fastvae's Triton custom ops (impl="triton"; on the CPU only under TRITON_INTERPRET=1,
+           where it is counted but not timed: the interpreter's speed means nothing)
+
+The decoder is left out: `out` (B, D) is a given tensor, and the gradient reaching z is a fixed
+random tensor, so both ops' backward passes run.
+
+Reported per case:
+  time     median ms of forward, backward, and forward+backward (CUDA: triton.testing.do_bench over
+           rotating input buffers; CPU: perf_counter medians)
+  GB/s     (CUDA) design bytes of the fused op / time, against a measured device copy bandwidth
+  saved    bytes autograd keeps for backward (saved-tensor hooks, each storage counted once)
+  ops      torch ops dispatched per forward+backward step (TorchDispatchMode)
+  moved    bytes read+written by those ops, counting every tensor argument and result once per op
+           (views excluded): a device-independent model of memory traffic. It over-counts the fused
+           loss's in-place rescale, which reads nothing on the device when the upstream gradient is 1
+  peak     (CUDA) peak memory allocated above the inputs
+
+Usage:  python -m bench.elbo_head [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastvae
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    B: int
+    D: int
+    K: int
+    dtype: str
+    dist: str
+
+
+@dataclass
+class Result:
+    case: Case
+    impl: str
+    fwd_ms: float | None = None
+    bwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    saved_bytes: int = 0
+    ops_per_step: int = 0
+    moved_bytes: int = 0
+    peak_extra_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+
+    def rand(*shape, scale=1.0, leaf=True):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(leaf)
+
+    x = torch.rand(case.B, case.D, generator=g).to(device=device, dtype=dtype)
+    if case.dist == "bernoulli":
+        x = x.round()
+    return {
+        "mu": rand(case.B, case.K),
+        "logvar": rand(case.B, case.K, scale=0.5),
+        "x": x,
+        "out": rand(case.B, case.D),
+        "grad_z": rand(case.B, case.K, leaf=False),
+    }
+
+
+def head(impl: str, dist: str) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    def step(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        z, kl = fastvae.sample_latent(t["mu"], t["logvar"], impl=impl)
+        return z, fastvae.elbo_loss(t["x"], t["out"], kl, dist=dist, impl=impl)
+
+    return step
+
+
+def backward(t: dict[str, torch.Tensor], z: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients wrt mu, logvar and out, returned rather than accumulated into .grad (as in a model,
+    where they flow on into the encoder and decoder instead of being copied into leaves)."""
+    leaves = [t["mu"], t["logvar"], t["out"]]
+    return torch.autograd.grad([loss, z], leaves, [None, t["grad_z"]])
+
+
+def saved_bytes(fn, t) -> int:
+    """Bytes autograd saves for backward during fn(t), each storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        s = tensor.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        z, loss = fn(t)
+    backward(t, z, loss)
+    return sum(storages.values())
+
+
+class CountOps(TorchDispatchMode):
+    """Counts dispatched ops and the bytes of their tensor arguments and results."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if func.is_view or func is torch.ops.aten.detach.default:
+            return result  # aliases: no data moves
+        seen = set()
+        for obj in torch.utils._pytree.tree_leaves((args, kwargs, result)):
+            if isinstance(obj, torch.Tensor) and id(obj) not in seen:
+                seen.add(id(obj))
+                self.bytes += obj.numel() * obj.element_size()
+        return result
+
+
+def count_ops(fn, t) -> tuple[int, int]:
+    with CountOps() as counter:
+        z, loss = fn(t)
+        backward(t, z, loss)
+    return counter.ops, counter.bytes
+
+
+def time_cpu(fn, t, reps: int) -> tuple[float, float, float]:
+    fwd, total = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        z, loss = fn(t)
+        t1 = time.perf_counter()
+        backward(t, z, loss)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        total.append(t2 - t0)
+    f, ft = statistics.median(fwd) * 1e3, statistics.median(total) * 1e3
+    return f, ft - f, ft
+
+
+def time_cuda(fn, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def pick():
+        state["i"] = (state["i"] + 1) % len(inputs)
+        return inputs[state["i"]]
+
+    def fwd():
+        with torch.no_grad():
+            fn(pick())
+
+    def fwd_bwd():
+        t = pick()
+        z, loss = fn(t)
+        backward(t, z, loss)
+
+    f = do_bench(fwd, warmup=50, rep=200)
+    ft = do_bench(fwd_bwd, warmup=50, rep=200)
+    return f, ft - f, ft
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Measured device copy bandwidth: 1 GiB read + 1 GiB written per copy."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=20, rep=100)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def fused_design_bytes(case: Case) -> int:
+    """Bytes the fused kernels move per step by design: read x, out; write d out; latent read/write."""
+    e = DTYPES[case.dtype].itemsize
+    likelihood = 3 * case.B * case.D * e
+    latent = (2 * case.B * case.K + case.B * case.K) * e + (2 * case.B * case.K + 2 * case.B * case.K) * e
+    return likelihood + latent
+
+
+def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
+    torch.manual_seed(0)
+    fn = head("torch" if impl == "compile" else ("triton" if impl == "fused" else "torch"), case.dist)
+    if impl == "compile":
+        fn = torch.compile(fn)
+    t = make_inputs(case, device)
+    res = Result(case, impl)
+    for _ in range(2):  # warm-up (compilation, autotuning)
+        z, loss = fn(t)
+        backward(t, z, loss)
+    res.saved_bytes = saved_bytes(fn, t)
+    if impl != "compile":
+        res.ops_per_step, res.moved_bytes = count_ops(fn, t)
+    if device.type == "cuda":
+        inputs = [make_inputs(case, device, seed=i) for i in range(4)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        z, loss = fn(inputs[0])
+        backward(inputs[0], z, loss)
+        torch.cuda.synchronize()
+        res.peak_extra_bytes = torch.cuda.max_memory_allocated() - base
+        res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cuda(fn, inputs)
+    elif impl != "fused":
+        res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cpu(fn, t, reps)
+    return res
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fastvae": fastvae.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "CPU"
+
+
+def _fmt_ms(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _mb(v):
+    return "-" if v is None else f"{v / 2**20:.2f}"
+
+
+def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
+    title = f"ELBO head on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
+    table = Table(title=title)
+    for col in ("B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager",
+                "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB"):
+        table.add_column(col, justify="right")
+    by_case: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(tuple(asdict(r.case).values()), {})[r.impl] = r
+    for key, impls in by_case.items():
+        for impl, r in impls.items():
+            ratio = {}
+            for base in ("eager", "compile"):
+                b = impls.get(base)
+                ok = b and b.fwd_bwd_ms and r.fwd_bwd_ms and base != impl
+                ratio[base] = f"{b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if ok else "-"
+            gbs = "-"
+            if impl == "fused" and r.fwd_bwd_ms:
+                gbs = f"{fused_design_bytes(r.case) / r.fwd_bwd_ms / 1e6:.0f}"
+                if bandwidth:
+                    gbs += f" ({100 * fused_design_bytes(r.case) / r.fwd_bwd_ms / 1e6 / bandwidth:.0f}%)"
+            table.add_row(*map(str, key), impl, _fmt_ms(r.fwd_ms), _fmt_ms(r.bwd_ms), _fmt_ms(r.fwd_bwd_ms),
+                          ratio["eager"], ratio["compile"], gbs, _mb(r.saved_bytes), str(r.ops_per_step or "-"),
+                          _mb(r.moved_bytes or None), _mb(r.peak_extra_bytes))
+    return table
+
+
+def cases(args) -> list[Case]:
+    return [
+        Case(B, D, K, dtype, dist)
+        for B in args.batch for D in args.dim for K in args.latent for dtype in args.dtype for dist in args.dist
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 4096, 65536] if cuda else [256, 4096])
+    p.add_argument("--dim", type=int, nargs="+", default=[784, 3072, 12288] if cuda else [784, 3072])
+    p.add_argument("--latent", type=int, nargs="+", default=[20, 128])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--dist", nargs="+", choices=["gaussian", "bernoulli"], default=["gaussian", "bernoulli"])
+    p.add_argument("--impl", nargs="+", choices=["eager", "compile", "fused"], default=["eager", "compile", "fused"])
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU")
+    p.add_argument("--json", default=None, help="write results and environment here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    impls = [i for i in args.impl if i != "fused" or cuda or os.environ.get("TRITON_INTERPRET") == "1"]
+    console = Console(width=max(Console().width, 180))
+    env = environment(device)
+    bandwidth = copy_bandwidth_gbs(device) if cuda else None
+    results = []
+    for case in cases(args):
+        for impl in impls:
+            console.log(f"{case} {impl}")
+            results.append(run_case(case, impl, device, args.reps))
+    console.print(render(results, env, bandwidth))
+    if bandwidth:
+        console.print(f"measured copy bandwidth: {bandwidth:.0f} GB/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "copy_bandwidth_gbs": bandwidth,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
