@@ -1,0 +1,37 @@
+"""The ELBO head (sample_latent + elbo_loss, forward+backward) through pytest-benchmark.
+
+    pytest bench/ --benchmark-only
+
+One small case on the CPU, the issue's headline case (B=4096, D=784, K=32, fp32) on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.elbo_head import Case, backward, head, make_inputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+CASE = Case(4096, 784, 32, "fp32", "bernoulli") if CUDA else Case(256, 784, 32, "fp32", "bernoulli")
+IMPLS = ["eager", "compile", "fused"] if CUDA else ["eager", "compile"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_elbo_head_forward_backward(benchmark, impl):
+    fn = head("triton" if impl == "fused" else "torch", CASE.dist)
+    if impl == "compile":
+        fn = torch.compile(fn)
+    t = make_inputs(CASE, DEVICE)
+
+    def step():
+        z, loss = fn(t)
+        grads = backward(t, z, loss)
+        if CUDA:
+            torch.cuda.synchronize()
+        return grads
+
+    step()  # compile / warm up outside the timing
+    grads = benchmark(step)
+    assert all(torch.isfinite(g).all() for g in grads)
