@@ -204,6 +204,7 @@ def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
     torch.manual_seed(0)
     fn = head("torch" if impl == "compile" else ("triton" if impl == "fused" else "torch"), case.dist)
     if impl == "compile":
+        torch._dynamo.reset()  # a fresh compile per case: no recompilation limit, no stale graphs
         fn = torch.compile(fn)
     t = make_inputs(case, device)
     res = Result(case, impl)
@@ -230,7 +231,8 @@ def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        git = ["git", "describe", "--always", "--dirty"]
+        commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
     import triton
