@@ -7,6 +7,7 @@ The drop-in ops (see docs/drop-in.md):
     loss = fastvae.elbo_loss(x, out, kl, dist="bernoulli")  # scalar, nats per sample
 
 `impl="auto"` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere.
+`fastvae.VAE` is a ready-made model on top of them; `python -m fastvae.train` trains one.
 """
 
 from fastvae.functional import (
@@ -17,14 +18,18 @@ from fastvae.functional import (
     sample_latent,
     sample_latent_iw,
 )
+from fastvae.model import VAE, LossOutput, iwae_log_likelihood
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VAE",
+    "LossOutput",
     "__version__",
     "elbo_loss",
     "elbo_terms",
     "iwae_bound",
+    "iwae_log_likelihood",
     "log_likelihood",
     "sample_latent",
     "sample_latent_iw",

@@ -1,0 +1,149 @@
+"""Evaluate a training run: `python -m fastvae.evaluate RUN_DIR [--iw-samples K]`.
+
+Rebuilds the data and the model from RUN_DIR/config.json and RUN_DIR/checkpoint.pt, then reports on
+the test split, in nats per sample with standard errors over the test samples: the ELBO (one draw of
+z per sample, analytic KL) and the importance-weighted bound log p(x) >= IWAE_K. Writes
+RUN_DIR/eval.json. The ops run with impl "auto": the fused Triton kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastvae.data import DataError, DeviceBatches, load_dataset
+from fastvae.model import VAE, iwae_log_likelihood
+from fastvae.train import ConfigError, build_model, resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvae.evaluate",
+        description="Test ELBO and importance-weighted log-likelihood bound of a run, in nats per sample.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a directory written by fastvae.train")
+    parser.add_argument("--iw-samples", type=int, default=1000, help="K, importance samples per test sample")
+    parser.add_argument("--num-test", type=int, help="evaluate the first N test samples (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=100, help="test samples per batch")
+    parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def load_run(run_dir: Path, device: torch.device) -> tuple[dict[str, Any], VAE]:
+    """The run's config and its trained model (ops on impl "auto"), on `device`."""
+    config_path, checkpoint_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    for path in (config_path, checkpoint_path):
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: RUN_DIR must be a directory written by fastvae.train")
+    config = json.loads(config_path.read_text())
+    model = build_model({**config, "impl": "auto"})
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"cannot load the model from {checkpoint_path}: {err}") from None
+    return config, model.to(device).eval()
+
+
+def mean_and_se(values: torch.Tensor) -> dict[str, float]:
+    """Mean and standard error of the mean of per-sample values (nats)."""
+    values = values.double()
+    se = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": values.mean().item(), "se": se}
+
+
+@torch.no_grad()
+def per_sample_bounds(
+    model: VAE, test: DeviceBatches, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per test sample (N,) each: ELBO, KL, log p(x|z) (one draw) and IWAE_k, in nats."""
+    rows: list[tuple[torch.Tensor, ...]] = []
+    for x in test.epoch(0):
+        log_px, kl = model.log_px_and_kl(x)
+        rows.append((log_px - kl, kl, log_px, iwae_log_likelihood(model, x, k, chunk)))
+    return tuple(torch.cat(column).cpu() for column in zip(*rows, strict=True))  # type: ignore[return-value]
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("iw_samples", "batch_size", "chunk"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    config, model = load_run(args.run_dir, device)
+    num_test = args.num_test if args.num_test is not None else config["num_test"]
+    # The test split does not depend on num_train: load a single training sample.
+    splits = load_dataset(
+        config["dataset"],
+        data_dir=config["data_dir"],
+        seed=config["seed"],
+        num_train=1,
+        num_test=num_test,
+        image_size=config["image_size"],
+    )
+    test = DeviceBatches(splits.test, args.batch_size, device=device, seed=args.seed, drop_last=False)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    elbo, kl, log_px, iwae = per_sample_bounds(model, test, args.iw_samples, args.chunk)
+    return {
+        "run_dir": str(args.run_dir),
+        "dataset": config["dataset"],
+        "num_test": len(elbo),
+        "iw_samples": args.iw_samples,
+        "device": str(device),
+        "fused": device.type == "cuda",
+        "units": "nats per sample",
+        "test_elbo": mean_and_se(elbo),
+        "test_kl": mean_and_se(kl),
+        "test_log_px_given_z": mean_and_se(log_px),
+        "iwae": mean_and_se(iwae),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"{results['run_dir']}: {results['num_test']} test samples, nats per sample")
+    for column in ("", "mean", "std. error"):
+        table.add_column(column, justify="right" if column else "left")
+    k = results["iw_samples"]
+    for name, key in (
+        ("ELBO", "test_elbo"),
+        ("KL", "test_kl"),
+        ("log p(x|z)", "test_log_px_given_z"),
+        (f"log p(x) >= IWAE_{k}", "iwae"),
+    ):
+        table.add_row(name, f"{results[key]['mean']:.3f}", f"{results[key]['se']:.3f}")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        results = evaluate(args)
+    except (DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    (args.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    console.print(results_table(results))
+    console.print(
+        f"{results['seconds']:.1f} s on {results['device']}; written to {args.run_dir / 'eval.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""`VAE`: a variational autoencoder whose objective runs through the fused ops of `fastvae.functional`.
+
+Shapes: B rows (batch), K latent dimensions (`latent_dim`), D = prod(data_shape) data dimensions,
+S importance samples. Every log-density, KL and bound is in nats per sample (summed over D or K,
+averaged over rows where a single number is returned).
+
+Encoder and decoder contract (for your own modules):
+
+- encoder: x (N, D) float -> (N, 2K) (mu and logvar, in that order along the last axis) or a tuple
+  (mu (N, K), logvar (N, K)). logvar is the log-variance of the diagonal Gaussian q(z|x).
+- decoder: z (N, K) -> (N, D) or (N, *data_shape): the Gaussian mean, or the Bernoulli logits.
+  `VAE.decode` flattens any leading sample axes into N before calling it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastvae import checks
+from fastvae.functional import elbo_terms, iwae_bound, log_likelihood, sample_latent, sample_latent_iw
+
+ARCHS = ("mlp", "conv")
+_CONV_CHANNELS = (32, 64)  # two stride-2 convolutions: H and W must be divisible by 4
+
+
+class LossOutput(NamedTuple):
+    """The result of `VAE.loss`. Every statistic is detached, on the model's device, in nats per sample.
+
+    loss: the scalar training objective (with grad): -(log p(x|z) - beta*KL) averaged over the batch,
+    or the negative importance-weighted bound when iw_samples > 1.
+    elbo: batch mean of log p(x|z) - KL (beta = 1). kl: batch mean of KL(q(z|x) || N(0, I)).
+    log_px: batch mean of log p(x|z) (also averaged over the importance samples).
+    iwae: batch mean of the importance-weighted bound IWAE_S (beta = 1); equals `elbo` when S = 1.
+    """
+
+    loss: Tensor
+    elbo: Tensor
+    kl: Tensor
+    log_px: Tensor
+    iwae: Tensor
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers between consecutive sizes, with a ReLU after every one but the last."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _conv_grid(data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) of the feature map after the two stride-2 convolutions of the conv architecture."""
+    if len(data_shape) != 3:
+        raise ValueError(f"`arch`='conv' needs image data of shape (C, H, W), got data_shape {data_shape}")
+    _, h, w = data_shape
+    if h % 4 or w % 4:
+        raise ValueError(f"`arch`='conv' needs H and W divisible by 4, got data_shape {data_shape}")
+    return _CONV_CHANNELS[-1], h // 4, w // 4
+
+
+class ConvEncoder(nn.Module):
+    """x (N, D) -> (N, 2K): two 4x4 stride-2 convolutions (32, 64 channels), then an MLP over `hidden`."""
+
+    def __init__(self, data_shape: tuple[int, int, int], latent_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        c, h, w = _conv_grid(data_shape)
+        self.data_shape = data_shape
+        self.conv = nn.Sequential(
+            nn.Conv2d(data_shape[0], _CONV_CHANNELS[0], 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(_CONV_CHANNELS[0], _CONV_CHANNELS[1], 4, 2, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.head = _mlp([c * h * w, *hidden, 2 * latent_dim])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(x.reshape(-1, *self.data_shape)))
+
+
+class ConvDecoder(nn.Module):
+    """z (N, K) -> (N, D): an MLP over reversed `hidden` to a 64-channel map, then two transposed convs."""
+
+    def __init__(self, data_shape: tuple[int, int, int], latent_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.grid = _conv_grid(data_shape)
+        self.body = nn.Sequential(_mlp([latent_dim, *reversed(hidden), math.prod(self.grid)]), nn.ReLU())
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(_CONV_CHANNELS[1], _CONV_CHANNELS[0], 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(_CONV_CHANNELS[0], data_shape[0], 4, 2, 1),
+            nn.Flatten(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.deconv(self.body(z).reshape(-1, *self.grid))
+
+
+def _shape(name: str, value: object) -> tuple[int, ...]:
+    """A data shape: an int D or a non-empty sequence of positive ints."""
+    dims = (value,) if isinstance(value, int) else value
+    if not isinstance(dims, Sequence) or not dims or not all(isinstance(d, int) and d >= 1 for d in dims):
+        raise ValueError(
+            f"`{name}` must be a positive int or a sequence of them, e.g. (1, 28, 28), got {value!r}"
+        )
+    return tuple(int(d) for d in dims)
+
+
+def _sigma(value: object, likelihood: str) -> float | str:
+    if value == "learned":
+        if likelihood != "gaussian":
+            raise ValueError("`sigma`='learned' applies to likelihood='gaussian' only")
+        return "learned"
+    sigma = checks.real_number("sigma", value)
+    if not sigma > 0:
+        raise ValueError(f"`sigma` must be a positive number or 'learned', got {value!r}")
+    if likelihood != "gaussian" and sigma != 1.0:
+        raise ValueError(
+            f"`sigma` applies to likelihood='gaussian' only, got sigma={value!r} with {likelihood!r}"
+        )
+    return sigma
+
+
+def _default_modules(
+    arch: str, data_shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int]
+) -> tuple[nn.Module, nn.Module]:
+    if arch == "conv":
+        return ConvEncoder(data_shape, latent_dim, hidden), ConvDecoder(data_shape, latent_dim, hidden)
+    dim = math.prod(data_shape)
+    return _mlp([dim, *hidden, 2 * latent_dim]), _mlp([latent_dim, *reversed(hidden), dim])
+
+
+class VAE(nn.Module):
+    """A VAE with a diagonal Gaussian q(z|x), a N(0, I) prior and a Gaussian or Bernoulli p(x|z).
+
+    data_shape: the shape of one sample, (C, H, W) for images or (D,) (an int D is accepted).
+    latent_dim: K. arch: "mlp" (default) or "conv" (two stride-2 convolutions; (C, H, W) data with
+    H and W divisible by 4, e.g. 28 or 32), with fully connected layers of sizes `hidden`.
+    encoder, decoder: your own modules instead of `arch` (both or neither; see the module docstring).
+    likelihood: "gaussian" (the decoder gives the mean) or "bernoulli" (the decoder gives logits).
+    sigma: the Gaussian's standard deviation: a fixed positive float (1.0, the default, is unit
+    variance) or "learned": a per-dimension log-scale parameter `log_scale` of shape (D,), init 0.
+    beta: the default weight of the KL term in `loss`. impl: "auto", "triton" or "torch", passed to
+    every op ("auto" runs the Triton kernels on CUDA tensors).
+    """
+
+    def __init__(
+        self,
+        data_shape: int | Sequence[int],
+        latent_dim: int = 20,
+        *,
+        arch: str = "mlp",
+        hidden: Sequence[int] = (400,),
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        likelihood: str = "gaussian",
+        sigma: float | str = 1.0,
+        beta: float = 1.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.data_shape = _shape("data_shape", data_shape)
+        self.dim = math.prod(self.data_shape)
+        self.latent_dim = checks.positive_int("latent_dim", latent_dim)
+        self.likelihood = checks.choice("likelihood", likelihood, checks.DISTS)
+        self.sigma = _sigma(sigma, self.likelihood)
+        self.beta = checks.real_number("beta", beta)
+        self.impl = checks.choice("impl", impl, checks.IMPLS)
+        if (encoder is None) != (decoder is None):
+            raise ValueError("pass both `encoder` and `decoder`, or neither (to build them from `arch`)")
+        if encoder is None:
+            self.arch = checks.choice("arch", arch, ARCHS)
+            hidden = tuple(checks.positive_int("hidden", h) for h in hidden)
+            encoder, decoder = _default_modules(self.arch, self.data_shape, self.latent_dim, hidden)
+        else:
+            self.arch = "custom"
+            for name, module in (("encoder", encoder), ("decoder", decoder)):
+                if not isinstance(module, nn.Module):
+                    raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(module).__name__}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.log_scale = nn.Parameter(torch.zeros(self.dim)) if self.sigma == "learned" else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"data_shape={self.data_shape}, latent_dim={self.latent_dim}, likelihood={self.likelihood!r}, "
+            f"sigma={self.sigma!r}, beta={self.beta}, impl={self.impl!r}"
+        )
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _device(self) -> torch.device | None:
+        tensor = next(self.parameters(), None)
+        return None if tensor is None else tensor.device
+
+    def _on_device(self, name: str, t: Tensor) -> None:
+        device = self._device()
+        if device is not None and t.device != device:
+            raise ValueError(f"`{name}` is on {t.device} but the model is on {device}; move it with .to()")
+
+    def _flat(self, x: object) -> Tensor:
+        """Data (B, D) or (B, *data_shape) -> (B, D), checked."""
+        x = checks.float_tensor("x", x)
+        if x.shape[1:] not in (torch.Size([self.dim]), torch.Size(self.data_shape)):
+            raise ValueError(
+                f"`x` must have shape (B, {self.dim}) or (B, *{self.data_shape}), got {tuple(x.shape)}"
+            )
+        self._on_device("x", x)
+        return x.reshape(len(x), self.dim)
+
+    # -------------------------------------------------------------------------------------- the model
+
+    def _log_scale_arg(self) -> Tensor | float | None:
+        """The `log_scale` argument of the likelihood ops: the parameter, log(sigma), or None (sigma 1)."""
+        if self.log_scale is not None:
+            return self.log_scale
+        if self.likelihood == "gaussian" and self.sigma != 1.0:
+            return math.log(self.sigma)
+        return None
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D) or (B, *data_shape) -> mu, logvar, each (B, K), the parameters of q(z|x)."""
+        x = self._flat(x)
+        h = self.encoder(x)
+        mu, logvar = h if isinstance(h, (tuple, list)) else h.chunk(2, dim=-1)
+        expected = (len(x), self.latent_dim)
+        if tuple(mu.shape) != expected or tuple(logvar.shape) != expected:
+            raise ValueError(
+                f"`encoder` must return (B, 2K) = {(len(x), 2 * self.latent_dim)} or a tuple of two (B, K) "
+                f"tensors, got {tuple(h.shape) if isinstance(h, Tensor) else [tuple(t.shape) for t in h]}"
+            )
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (..., K) -> out (..., D): the Gaussian mean or the Bernoulli logits."""
+        z = checks.float_tensor("z", z)
+        if z.dim() < 2 or z.shape[-1] != self.latent_dim:
+            raise ValueError(f"`z` must have shape (..., B, {self.latent_dim}), got {tuple(z.shape)}")
+        self._on_device("z", z)
+        out = self.decoder(z.reshape(-1, self.latent_dim))
+        if out.numel() != z[..., 0].numel() * self.dim:
+            raise ValueError(
+                f"`decoder` must map (N, {self.latent_dim}) to (N, {self.dim}) or (N, *{self.data_shape}), "
+                f"got {tuple(out.shape)} for N = {z[..., 0].numel()}"
+            )
+        return out.reshape(*z.shape[:-1], self.dim)
+
+    def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
+        """log p(x|z) per row, nats: x (B, D), out (B, D) or (S, B, D) -> (B,) or (S, B)."""
+        return log_likelihood(x, out, dist=self.likelihood, log_scale=self._log_scale_arg(), impl=self.impl)
+
+    def to_data_space(self, out: Tensor) -> Tensor:
+        """Decoder output -> data space, float32: Bernoulli probabilities, or the Gaussian mean itself."""
+        return torch.sigmoid(out.float()) if self.likelihood == "bernoulli" else out.float()
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n draws z ~ N(0, I), decoded: (n, *data_shape) float32 probabilities (Bernoulli) or means."""
+        n = checks.positive_int("n", n)
+        device = self._device() or torch.device("cpu")
+        z = torch.randn(n, self.latent_dim, device=device)
+        return self.to_data_space(self.decode(z)).reshape(n, *self.data_shape)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean of x: float32 in data space, shaped like x."""
+        mu, _ = self.encode(x)
+        return self.to_data_space(self.decode(mu)).reshape(x.shape)
+
+    def log_px_and_kl(self, x: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+        """Per-row log p(x|z) averaged over `samples` draws z ~ q(z|x), and the KL: (B,), (B,) nats."""
+        x = self._flat(x)
+        mu, logvar = self.encode(x)
+        z, kl, _ = sample_latent_iw(mu, logvar, samples=samples, impl=self.impl)
+        return self.log_likelihood(x, self.decode(z)).mean(0), kl
+
+    def elbo(self, x: Tensor, samples: int = 1) -> Tensor:
+        """Per-row ELBO (beta = 1), `log_px_and_kl`'s log p(x|z) minus the KL: (B,) nats."""
+        log_px, kl = self.log_px_and_kl(x, samples)
+        return log_px - kl
+
+    def loss(self, x: Tensor, beta: float | None = None, iw_samples: int = 1) -> LossOutput:
+        """The training objective for a batch x (B, D) or (B, *data_shape); see `LossOutput`.
+
+        beta: the KL weight (default: the model's `beta`). iw_samples = S > 1 trains on the
+        importance-weighted bound IWAE_S, with beta weighting log p(z) - log q(z|x) in each log-weight
+        (so S = 1 would give the beta-ELBO); the reported `iwae` always uses beta = 1.
+        """
+        x = self._flat(x)
+        beta = self.beta if beta is None else checks.real_number("beta", beta)
+        samples = checks.positive_int("iw_samples", iw_samples)
+        mu, logvar = self.encode(x)
+        if samples == 1:
+            z, kl = sample_latent(mu, logvar, impl=self.impl)
+            out = self.decode(z)
+            loss, logp = elbo_terms(
+                x, out, kl, dist=self.likelihood, log_scale=self._log_scale_arg(), beta=beta, impl=self.impl
+            )
+            elbo = (logp.mean() - kl.detach().mean()).detach()
+            return LossOutput(loss, elbo, kl.detach().mean(), logp.mean(), elbo)
+        z, kl, log_ratio = sample_latent_iw(mu, logvar, samples=samples, impl=self.impl)
+        logp = self.log_likelihood(x, self.decode(z))  # (S, B)
+        loss = -iwae_bound(logp, beta * log_ratio).mean()
+        logp, kl = logp.detach(), kl.detach()
+        iwae = iwae_bound(logp, log_ratio.detach()).mean()
+        return LossOutput(loss, logp.mean() - kl.mean(), kl.mean(), logp.mean(), iwae)
+
+
+@torch.no_grad()
+def iwae_log_likelihood(model: VAE, x: Tensor, k: int, chunk: int = 100) -> Tensor:
+    """The importance-weighted bound log p(x) >= IWAE_k per row: (B,) nats.
+
+    IWAE_k = logsumexp_s(log p(x|z_s) + log p(z_s) - log q(z_s|x)) - log k, z_s ~ q(z|x), s = 1..k.
+    The k samples are drawn `chunk` at a time and folded into a running logsumexp, so memory is
+    O(chunk * B * D) whatever k. With impl "torch" the chunks draw the same noise as one draw of k
+    samples whenever chunk * B * K is a multiple of 16 (how torch's CPU normal sampler fills blocks).
+    """
+    k = checks.positive_int("k", k)
+    chunk = checks.positive_int("chunk", chunk)
+    x = model._flat(x)
+    mu, logvar = model.encode(x)
+    total = None
+    for start in range(0, k, chunk):
+        z, _, log_ratio = sample_latent_iw(mu, logvar, samples=min(chunk, k - start), impl=model.impl)
+        lse = torch.logsumexp(model.log_likelihood(x, model.decode(z)) + log_ratio, dim=0)
+        total = lse if total is None else torch.logaddexp(total, lse)
+    return total - math.log(k)
