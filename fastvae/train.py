@@ -503,10 +503,10 @@ def train(args: argparse.Namespace, console: Console) -> Path:
     skipped = write_pictures(trainer, splits, out_dir)
     console.print(summary_table(trainer))
     drawn = [str(out_dir / name) for name in PICTURES if (out_dir / name).exists()]
-    console.print("Pictures: " + ", ".join(drawn))
+    console.print("Pictures: " + ", ".join(drawn), soft_wrap=True)  # paths stay whole
     for reason in skipped:
         console.print(f"Skipped {reason}")
-    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}")
+    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True)
     return out_dir
 
 
