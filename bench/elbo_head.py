@@ -19,8 +19,10 @@ Reported per case:
            (views excluded): a device-independent model of memory traffic. It over-counts the fused
            loss's in-place rescale, which reads nothing on the device when the upstream gradient is 1
   peak     (CUDA) peak memory allocated above the inputs
+  launches (CUDA) GPU activities (kernels, memsets, copies) per forward+backward step, from torch.profiler
 
-Usage:  python -m bench.elbo_head [--quick] [--json PATH]
+Usage:  python -m bench.elbo_head [--batch B ...] [--dim D ...] [--latent K ...] [--json PATH]
+The issue's headline case: python -m bench.elbo_head --batch 4096 --dim 784 --latent 32
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
+from bench.environment import environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,6 +66,7 @@ class Result:
     ops_per_step: int = 0
     moved_bytes: int = 0
     peak_extra_bytes: int | None = None
+    launches_per_step: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -145,6 +148,18 @@ def count_ops(fn, t) -> tuple[int, int]:
     return counter.ops, counter.bytes
 
 
+def cuda_launches(fn, t) -> int:
+    """GPU activities (kernels, memsets, copies) of one forward+backward step, from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        z, loss = fn(t)
+        backward(t, z, loss)
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+
+
 def time_cpu(fn, t, reps: int) -> tuple[float, float, float]:
     fwd, total = [], []
     for _ in range(reps):
@@ -223,41 +238,11 @@ def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
         backward(inputs[0], z, loss)
         torch.cuda.synchronize()
         res.peak_extra_bytes = torch.cuda.max_memory_allocated() - base
+        res.launches_per_step = cuda_launches(fn, inputs[0])
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cuda(fn, inputs)
     elif impl != "fused":
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cpu(fn, t, reps)
     return res
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        git = ["git", "describe", "--always", "--dirty"]
-        commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    import triton
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fastvae": fastvae.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "CPU"
 
 
 def _fmt_ms(v):
@@ -272,7 +257,7 @@ def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
     title = f"ELBO head on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
     table = Table(title=title)
     for col in ("B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager",
-                "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB"):
+                "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB", "launches"):
         table.add_column(col, justify="right")
     by_case: dict[tuple, dict[str, Result]] = {}
     for r in results:
@@ -291,7 +276,8 @@ def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
                     gbs += f" ({100 * fused_design_bytes(r.case) / r.fwd_bwd_ms / 1e6 / bandwidth:.0f}%)"
             table.add_row(*map(str, key), impl, _fmt_ms(r.fwd_ms), _fmt_ms(r.bwd_ms), _fmt_ms(r.fwd_bwd_ms),
                           ratio["eager"], ratio["compile"], gbs, _mb(r.saved_bytes), str(r.ops_per_step or "-"),
-                          _mb(r.moved_bytes or None), _mb(r.peak_extra_bytes))
+                          _mb(r.moved_bytes or None), _mb(r.peak_extra_bytes),
+                          str(r.launches_per_step or "-"))
     return table
 
 
@@ -329,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"measured copy bandwidth: {bandwidth:.0f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "copy_bandwidth_gbs": bandwidth,
+            json.dump({"benchmark": "elbo_head", "environment": env, "copy_bandwidth_gbs": bandwidth,
                        "results": [asdict(r) for r in results]}, f, indent=2)
 
 

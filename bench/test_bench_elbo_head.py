@@ -22,6 +22,7 @@ IMPLS = ["eager", "compile", "fused"] if CUDA else ["eager", "compile"]
 def test_elbo_head_forward_backward(benchmark, impl):
     fn = head("triton" if impl == "fused" else "torch", CASE.dist)
     if impl == "compile":
+        torch._dynamo.reset()
         fn = torch.compile(fn)
     t = make_inputs(CASE, DEVICE)
 
