@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -51,6 +52,14 @@ def real_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def finite_non_negative(name: str, value: object) -> float:
+    """A real number that is finite and >= 0 (e.g. a KL weight)."""
+    number = real_number(name, value)
+    if not (math.isfinite(number) and number >= 0.0):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def interpreter_enabled() -> bool:

@@ -142,7 +142,7 @@ def elbo_terms(
     if kl.shape != x.shape[:1]:
         raise ValueError(f"`kl` must have shape (B,) = {tuple(x.shape[:1])}, got {tuple(kl.shape)}")
     checks.same_device(x=x, kl=kl)
-    beta = checks.real_number("beta", beta)
+    beta = checks.finite_non_negative("beta", beta)
     if _resolve_likelihood_impl(impl, x, out, log_scale) == "triton":
         from fastvae.ops import elbo_nll_op
 
@@ -166,7 +166,8 @@ def elbo_loss(
     """Scalar negative ELBO: mean over the batch of -(log p(x|z) - beta*kl), in nats per sample.
 
     With out of shape (S, B, D) the log-likelihood is also averaged over the S samples.
-    x, out, dist, log_scale: as in `log_likelihood`; kl: (B,), e.g. from `sample_latent`.
+    x, out, dist, log_scale: as in `log_likelihood`; kl: (B,), e.g. from `sample_latent`;
+    beta: the KL weight, finite and >= 0.
     The fused path computes log p(x|z) and its gradient in one pass over x and out.
     An empty batch gives NaN, as a mean over no rows does in torch.
     """

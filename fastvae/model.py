@@ -15,6 +15,7 @@ Encoder and decoder contract (for your own modules):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -103,14 +104,34 @@ class ConvDecoder(nn.Module):
         return self.deconv(self.body(z).reshape(-1, *self.grid))
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _shape(name: str, value: object) -> tuple[int, ...]:
     """A data shape: an int D or a non-empty sequence of positive ints."""
-    dims = (value,) if isinstance(value, int) else value
-    if not isinstance(dims, Sequence) or not dims or not all(isinstance(d, int) and d >= 1 for d in dims):
+    dims = (value,) if _is_int(value) else value
+    if (
+        not isinstance(dims, Sequence)
+        or isinstance(dims, str)
+        or not dims
+        or not all(_is_int(d) and d >= 1 for d in dims)
+    ):
         raise ValueError(
             f"`{name}` must be a positive int or a sequence of them, e.g. (1, 28, 28), got {value!r}"
         )
     return tuple(int(d) for d in dims)
+
+
+def _hidden(value: object) -> tuple[int, ...]:
+    """Hidden layer sizes: a (possibly empty: linear maps) sequence of positive ints."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"`hidden` must be a sequence of layer sizes, e.g. (400,) or (), got {value!r}")
+    return tuple(checks.positive_int("hidden", h) for h in value)
+
+
+# 1/sigma^2 must be a finite float32 for the Gaussian log-density: sigma >= ~5.4e-20.
+_MIN_SIGMA = 1e-19
 
 
 def _sigma(value: object, likelihood: str) -> float | str:
@@ -119,8 +140,11 @@ def _sigma(value: object, likelihood: str) -> float | str:
             raise ValueError("`sigma`='learned' applies to likelihood='gaussian' only")
         return "learned"
     sigma = checks.real_number("sigma", value)
-    if not sigma > 0:
-        raise ValueError(f"`sigma` must be a positive number or 'learned', got {value!r}")
+    if not (math.isfinite(sigma) and sigma >= _MIN_SIGMA):
+        raise ValueError(
+            f"`sigma` must be a finite number >= {_MIN_SIGMA:g} (1/sigma^2 must fit in float32) or 'learned', "
+            f"got {value!r}"
+        )
     if likelihood != "gaussian" and sigma != 1.0:
         raise ValueError(
             f"`sigma` applies to likelihood='gaussian' only, got sigma={value!r} with {likelihood!r}"
@@ -142,13 +166,14 @@ class VAE(nn.Module):
 
     data_shape: the shape of one sample, (C, H, W) for images or (D,) (an int D is accepted).
     latent_dim: K. arch: "mlp" (default) or "conv" (two stride-2 convolutions; (C, H, W) data with
-    H and W divisible by 4, e.g. 28 or 32), with fully connected layers of sizes `hidden`.
+    H and W divisible by 4, e.g. 28 or 32), with fully connected layers of sizes `hidden` (a sequence of
+    positive ints; () gives linear maps).
     encoder, decoder: your own modules instead of `arch` (both or neither; see the module docstring).
     likelihood: "gaussian" (the decoder gives the mean) or "bernoulli" (the decoder gives logits).
-    sigma: the Gaussian's standard deviation: a fixed positive float (1.0, the default, is unit
+    sigma: the Gaussian's standard deviation: a fixed finite float >= 1e-19 (1.0, the default, is unit
     variance) or "learned": a per-dimension log-scale parameter `log_scale` of shape (D,), init 0.
-    beta: the default weight of the KL term in `loss`. impl: "auto", "triton" or "torch", passed to
-    every op ("auto" runs the Triton kernels on CUDA tensors).
+    beta: the default weight of the KL term in `loss`, finite and >= 0. impl: "auto", "triton" or
+    "torch", passed to every op ("auto" runs the Triton kernels on CUDA tensors).
     """
 
     def __init__(
@@ -171,15 +196,16 @@ class VAE(nn.Module):
         self.latent_dim = checks.positive_int("latent_dim", latent_dim)
         self.likelihood = checks.choice("likelihood", likelihood, checks.DISTS)
         self.sigma = _sigma(sigma, self.likelihood)
-        self.beta = checks.real_number("beta", beta)
+        self.beta = checks.finite_non_negative("beta", beta)
         self.impl = checks.choice("impl", impl, checks.IMPLS)
         if (encoder is None) != (decoder is None):
             raise ValueError("pass both `encoder` and `decoder`, or neither (to build them from `arch`)")
         if encoder is None:
             self.arch = checks.choice("arch", arch, ARCHS)
-            hidden = tuple(checks.positive_int("hidden", h) for h in hidden)
-            encoder, decoder = _default_modules(self.arch, self.data_shape, self.latent_dim, hidden)
+            encoder, decoder = _default_modules(self.arch, self.data_shape, self.latent_dim, _hidden(hidden))
         else:
+            if arch != "mlp":
+                raise ValueError(f"`arch`={arch!r} does not apply to your own `encoder` and `decoder`; leave it out")
             self.arch = "custom"
             for name, module in (("encoder", encoder), ("decoder", decoder)):
                 if not isinstance(module, nn.Module):
@@ -205,14 +231,26 @@ class VAE(nn.Module):
         if device is not None and t.device != device:
             raise ValueError(f"`{name}` is on {t.device} but the model is on {device}; move it with .to()")
 
+    def _same_dtype(self, name: str, t: Tensor) -> None:
+        """The built-in modules need inputs in their parameters' dtype (autocast does the casting itself)."""
+        if self.arch == "custom" or torch.is_autocast_enabled(t.device.type):
+            return
+        param = next(self.parameters(), None)
+        if param is not None and t.dtype != param.dtype:
+            raise TypeError(
+                f"`{name}` has dtype {t.dtype} but the model's parameters are {param.dtype}; convert it with "
+                f"{name}.to({param.dtype}) (or the model with model.to({t.dtype})), or use torch.autocast"
+            )
+
     def _flat(self, x: object) -> Tensor:
         """Data (B, D) or (B, *data_shape) -> (B, D), checked."""
         x = checks.float_tensor("x", x)
-        if x.shape[1:] not in (torch.Size([self.dim]), torch.Size(self.data_shape)):
+        if x.dim() < 2 or x.shape[1:] not in (torch.Size([self.dim]), torch.Size(self.data_shape)):
             raise ValueError(
                 f"`x` must have shape (B, {self.dim}) or (B, *{self.data_shape}), got {tuple(x.shape)}"
             )
         self._on_device("x", x)
+        self._same_dtype("x", x)
         return x.reshape(len(x), self.dim)
 
     # -------------------------------------------------------------------------------------- the model
@@ -229,13 +267,27 @@ class VAE(nn.Module):
         """x (B, D) or (B, *data_shape) -> mu, logvar, each (B, K), the parameters of q(z|x)."""
         x = self._flat(x)
         h = self.encoder(x)
-        mu, logvar = h if isinstance(h, (tuple, list)) else h.chunk(2, dim=-1)
+        if isinstance(h, Tensor):
+            mu, logvar = h.chunk(2, dim=-1) if h.dim() >= 1 and h.shape[-1] % 2 == 0 else (h, h)
+            got = tuple(h.shape)
+        elif isinstance(h, (tuple, list)) and len(h) == 2 and all(isinstance(t, Tensor) for t in h):
+            mu, logvar = h
+            got = [tuple(t.shape) for t in h]
+        else:
+            kind = f"a {type(h).__name__} of {len(h)}" if isinstance(h, (tuple, list)) else type(h).__name__
+            raise TypeError(f"`encoder` must return a tensor (B, 2K) or a tuple (mu, logvar) of tensors, got {kind}")
         expected = (len(x), self.latent_dim)
         if tuple(mu.shape) != expected or tuple(logvar.shape) != expected:
             raise ValueError(
                 f"`encoder` must return (B, 2K) = {(len(x), 2 * self.latent_dim)} or a tuple of two (B, K) "
-                f"tensors, got {tuple(h.shape) if isinstance(h, Tensor) else [tuple(t.shape) for t in h]}"
+                f"tensors, got {got}"
             )
+        if not (mu.is_floating_point() and logvar.is_floating_point()):
+            raise TypeError(f"`encoder` must return floating-point tensors, got {mu.dtype} and {logvar.dtype}")
+        if mu.dtype != logvar.dtype:
+            raise TypeError(f"`encoder` must return mu and logvar of one dtype, got {mu.dtype} and {logvar.dtype}")
+        if mu.device != x.device or logvar.device != x.device:
+            raise ValueError(f"`encoder` returned tensors on {mu.device} and {logvar.device} for `x` on {x.device}")
         return mu, logvar
 
     def decode(self, z: Tensor) -> Tensor:
@@ -244,12 +296,20 @@ class VAE(nn.Module):
         if z.dim() < 2 or z.shape[-1] != self.latent_dim:
             raise ValueError(f"`z` must have shape (..., B, {self.latent_dim}), got {tuple(z.shape)}")
         self._on_device("z", z)
-        out = self.decoder(z.reshape(-1, self.latent_dim))
-        if out.numel() != z[..., 0].numel() * self.dim:
+        self._same_dtype("z", z)
+        n = z[..., 0].numel()
+        out = self.decoder(z.reshape(n, self.latent_dim))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"`decoder` must return a tensor, got {type(out).__name__}")
+        if out.shape not in (torch.Size([n, self.dim]), torch.Size([n, *self.data_shape])):
             raise ValueError(
                 f"`decoder` must map (N, {self.latent_dim}) to (N, {self.dim}) or (N, *{self.data_shape}), "
-                f"got {tuple(out.shape)} for N = {z[..., 0].numel()}"
+                f"got {tuple(out.shape)} for N = {n}"
             )
+        if not out.is_floating_point():
+            raise TypeError(f"`decoder` must return a floating-point tensor, got {out.dtype}")
+        if out.device != z.device:
+            raise ValueError(f"`decoder` returned a tensor on {out.device} for `z` on {z.device}")
         return out.reshape(*z.shape[:-1], self.dim)
 
     def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
@@ -264,8 +324,10 @@ class VAE(nn.Module):
     def sample(self, n: int) -> Tensor:
         """n draws z ~ N(0, I), decoded: (n, *data_shape) float32 probabilities (Bernoulli) or means."""
         n = checks.positive_int("n", n)
-        device = self._device() or torch.device("cpu")
-        z = torch.randn(n, self.latent_dim, device=device)
+        param = next(self.parameters(), None)
+        device = torch.device("cpu") if param is None else param.device
+        dtype = torch.float32 if param is None or self.arch == "custom" else param.dtype
+        z = torch.randn(n, self.latent_dim, device=device, dtype=dtype)
         return self.to_data_space(self.decode(z)).reshape(n, *self.data_shape)
 
     @torch.no_grad()
@@ -289,13 +351,16 @@ class VAE(nn.Module):
     def loss(self, x: Tensor, beta: float | None = None, iw_samples: int = 1) -> LossOutput:
         """The training objective for a batch x (B, D) or (B, *data_shape); see `LossOutput`.
 
-        beta: the KL weight (default: the model's `beta`). iw_samples = S > 1 trains on the
+        beta: the KL weight, finite and >= 0 (default: the model's `beta`). x must have at least one
+        row, in the dtype of the model's parameters (or under torch.autocast). iw_samples = S > 1 trains on the
         importance-weighted bound IWAE_S, with beta weighting log p(z) - log q(z|x) in each log-weight
         (so S = 1 would give the beta-ELBO); the reported `iwae` always uses beta = 1.
         """
         x = self._flat(x)
-        beta = self.beta if beta is None else checks.real_number("beta", beta)
+        beta = self.beta if beta is None else checks.finite_non_negative("beta", beta)
         samples = checks.positive_int("iw_samples", iw_samples)
+        if len(x) == 0:
+            raise ValueError(f"`x` is an empty batch (shape {tuple(x.shape)}); the loss is a mean over its rows")
         mu, logvar = self.encode(x)
         if samples == 1:
             z, kl = sample_latent(mu, logvar, impl=self.impl)
@@ -322,6 +387,8 @@ def iwae_log_likelihood(model: VAE, x: Tensor, k: int, chunk: int = 100) -> Tens
     O(chunk * B * D) whatever k. With impl "torch" the chunks draw the same noise as one draw of k
     samples whenever chunk * B * K is a multiple of 16 (how torch's CPU normal sampler fills blocks).
     """
+    if not isinstance(model, VAE):
+        raise TypeError(f"`model` must be a fastvae.VAE, got {type(model).__name__}")
     k = checks.positive_int("k", k)
     chunk = checks.positive_int("chunk", chunk)
     x = model._flat(x)

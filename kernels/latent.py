@@ -61,9 +61,11 @@ def _latent_fwd_kernel(
         z = mu + std * eps
         tl.store(z_ptr + (sample_row0 + rows[:, None]) * K + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
         kl_acc += tl.sum(tl.where(mask, std * std + mu * mu - 1.0 - lv, 0.0), axis=1)
-        lr_acc += tl.sum(tl.where(mask, eps * eps - z * z + lv, 0.0), axis=1)
+        # Halved per element before the sum, as in the reference: with z*z near the fp32 limit
+        # (logvar ~ 88) halving after the sum would overflow to -inf where the reference is finite.
+        lr_acc += tl.sum(tl.where(mask, 0.5 * (eps * eps - z * z + lv), 0.0), axis=1)
     tl.store(kl_ptr + rows, 0.5 * kl_acc, mask=row_mask & (s == 0))
-    tl.store(lr_ptr + sample_row0 + rows, 0.5 * lr_acc, mask=row_mask)
+    tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
 
 
 @triton.jit
@@ -85,10 +87,11 @@ def _latent_bwd_kernel(
     mu = mu.to(tl.float32)
     lv = lv.to(tl.float32)
     std = tl.exp(0.5 * lv)
-    # d kl / d mu = mu, d kl / d logvar = 0.5 * (exp(logvar) - 1)
+    # d kl / d mu = mu, d kl / d logvar = 0.5 * (exp(logvar) - 1). A zero upstream gradient (an unused
+    # output) contributes exactly 0, as in autograd, not 0 * inf = NaN once exp(logvar) overflows.
     gkl = tl.load(gkl_ptr + rows * stride_gkl, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     dmu = gkl * mu
-    dlv = gkl * 0.5 * (std * std - 1.0)
+    dlv = tl.where(gkl != 0.0, gkl * 0.5 * (std * std - 1.0), 0.0)
     gz_offs = rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_k
     glr_offs = rows * stride_glr_b
     for s in range(0, S):
@@ -100,7 +103,8 @@ def _latent_bwd_kernel(
         glr_offs += stride_glr_s
         glr = glr.to(tl.float32)[:, None]
         # dz/dmu = 1, dz/dlogvar = 0.5*std*eps; d lr/dz = -z, and lr has a direct 0.5 per logvar.
-        gz_total = gz - glr * z
+        # An unused log-ratio (glr = 0) must not turn an infinite z (logvar > ~177) into NaN.
+        gz_total = gz - tl.where(glr != 0.0, glr * z, 0.0)
         dmu += gz_total
         dlv += gz_total * 0.5 * std * eps + 0.5 * glr
     out_offs = rows[:, None] * K + cols[None, :]
