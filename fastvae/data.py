@@ -311,67 +311,132 @@ def _load_idx(name: str, data_dir: Path, download: bool) -> DataSplits:
 
 _USER_SUFFIXES = (".npz", ".npy", ".pt")
 _PREFERRED_KEYS = ("x", "images", "data")
+_MAX_REASON = 200  # characters of a library's error message quoted in a DataError
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, shortened: DataError messages are one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def _pick(keys: Sequence[str], path: Path) -> str:
+    """The array to use: one of the preferred keys, else the only array; several others are ambiguous."""
     if not keys:
         raise DataError(f"{path} holds no arrays")
-    return next((k for k in _PREFERRED_KEYS if k in keys), keys[0])
+    preferred = next((k for k in _PREFERRED_KEYS if k in keys), None)
+    if preferred is not None:
+        return preferred
+    if len(keys) > 1:
+        raise DataError(
+            f"{path} holds {len(keys)} arrays ({', '.join(sorted(keys))}) and none is named "
+            f"{', '.join(_PREFERRED_KEYS)}; save the data under one of those names, or alone"
+        )
+    return keys[0]
+
+
+def _from_numpy(array: np.ndarray, path: Path) -> torch.Tensor:
+    """A numeric numpy array -> tensor; strings, records, dates and other non-numbers are a DataError."""
+    if array.dtype.kind not in "biufc":
+        raise DataError(
+            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats in [0, 1]"
+        )
+    try:
+        return torch.from_numpy(array)
+    except TypeError as err:  # e.g. float128, which torch has no dtype for
+        raise DataError(f"{path} holds {array.dtype} values, which torch cannot read: {_reason(err)}") from err
 
 
 def _read_user_file(path: Path) -> torch.Tensor:
-    """The array in a .npz (key x/images/data, else the first), .npy or .pt (tensor or dict) file."""
+    """The array in a .npz (key x/images/data, else the only one), .npy or .pt (tensor or dict) file."""
     try:
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            return _from_numpy(np.load(path, allow_pickle=False), path)
         if suffix == ".npz":
+            with path.open("rb") as f:
+                is_npy = f.read(6) == b"\x93NUMPY"
+            if is_npy:
+                raise DataError(f"{path} is a single .npy array, not a .npz archive; name it .npy")
+            if not zipfile.is_zipfile(path):
+                raise DataError(f"cannot read {path}: not a .npz (zip) archive")
             with np.load(path, allow_pickle=False) as archive:
-                return torch.from_numpy(archive[_pick(list(archive.files), path)])
+                return _from_numpy(archive[_pick(list(archive.files), path)], path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise DataError(f"cannot read {path}: {err}") from err
+    except DataError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # numpy refuses object arrays, and pickles, without allow_pickle
+            raise DataError(
+                f"{path} is not a numeric array: numpy reads it as Python objects (an object array, or a "
+                "pickle or other non-.npy bytes), which are not loaded; save a numeric array"
+            ) from err
+        raise DataError(f"cannot read {path}: {_reason(err)}") from err
+    except pickle.UnpicklingError as err:
+        raise DataError(
+            f"{path} holds Python objects that torch.load(weights_only=True) does not load (or is not a "
+            "file from torch.save); save only tensors, or a dict of tensors"
+        ) from err
+    except Exception as err:  # a corrupt or foreign file makes numpy / torch raise many kinds of errors
+        hint = " (is it a file from torch.save?)" if path.suffix.lower() == ".pt" else ""
+        raise DataError(f"cannot read {path}{hint}: {_reason(err)}") from err
+    where = ""
     if isinstance(obj, dict) and any(k in obj for k in _PREFERRED_KEYS):
-        obj = obj[_pick([k for k in obj if isinstance(k, str)], path)]
+        key = next(k for k in _PREFERRED_KEYS if k in obj)
+        obj, where = obj[key], f" under the key {key!r}"
     if not isinstance(obj, torch.Tensor):
         keys = f" with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else ""
         raise DataError(
-            f"{path} holds a {type(obj).__name__}{keys}; expected a tensor, or a dict with one of the keys "
-            f"{', '.join(_PREFERRED_KEYS)}"
+            f"{path} holds a {type(obj).__name__}{keys}{where}; expected a tensor, or a dict with one of the "
+            f"keys {', '.join(_PREFERRED_KEYS)}"
         )
-    return obj
+    if obj.layout != torch.strided:
+        raise DataError(f"{path} holds a {obj.layout} tensor{where}; expected a dense tensor (use .to_dense())")
+    return obj.detach()
 
 
 def _user_layout(x: torch.Tensor, path: Path) -> torch.Tensor:
-    """(N, D) and (N, C, H, W) stay; (N, H, W) gets a channel axis."""
-    if x.ndim == 3:
-        return x.unsqueeze(1)
-    if x.ndim in (2, 4):
-        return x
-    raise DataError(
-        f"{path} holds an array of shape {tuple(x.shape)}; expected (N, D), (N, H, W) or (N, C, H, W)"
-    )
+    """(N, D) and (N, C, H, W) stay; (N, H, W) gets a channel axis. No samples or no values is an error."""
+    if x.ndim not in (2, 3, 4):
+        raise DataError(
+            f"{path} holds an array of shape {tuple(x.shape)}; expected (N, D), (N, H, W) or (N, C, H, W)"
+        )
+    if len(x) == 0:
+        raise DataError(f"{path} holds no samples (shape {tuple(x.shape)})")
+    if x[0].numel() == 0:
+        raise DataError(f"{path} holds samples with no values (shape {tuple(x.shape)}); every dimension must be >= 1")
+    return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 def _user_values(x: torch.Tensor, path: Path) -> torch.Tensor:
     """bool -> uint8 0/255; integers must lie in 0..255 (-> uint8); floats in [0, 1] (-> float32)."""
     if x.dtype == torch.bool:
         return x.to(torch.uint8) * 255
-    if x.dtype == torch.uint8 or x.numel() == 0:
+    if x.dtype == torch.uint8:
         return x
     if x.is_complex():
         raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or floats in [0, 1]")
-    lo, hi = x.min().item(), x.max().item()
     if x.is_floating_point():
-        if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+        finite = torch.isfinite(x)
+        if not finite.all():
+            nan = int(torch.isnan(x).sum())
+            counts = [f"{n} {what}" for n, what in ((nan, "NaN"), (int((~finite).sum()) - nan, "infinite")) if n]
+            raise DataError(
+                f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite, in [0, 1]"
+            )
+        lo, hi = x.min().item(), x.max().item()
+        if not (0.0 <= lo and hi <= 1.0):
             raise DataError(
                 f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; float data must lie in [0, 1] "
                 "(divide 0..255 pixels by 255, or store them as uint8)"
             )
         return x.to(torch.float32)
+    wide = x if x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else x.to(torch.float64)
+    lo, hi = wide.min().item(), wide.max().item()  # uint16/32/64 have no min/max kernels in torch
     if lo < 0 or hi > 255:
         raise DataError(
-            f"{path} holds {x.dtype} values in [{lo}, {hi}]; integer data must lie in 0..255 "
+            f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; integer data must lie in 0..255 "
             "(or store floats in [0, 1])"
         )
     return x.to(torch.uint8)
@@ -427,7 +492,9 @@ def load_dataset(
     its side in pixels and `seed` picks the images, train and test from separate streams), 'mnist' or
     'fashion-mnist' (IDX files in `data_dir/MNIST/raw`, `data_dir/FashionMNIST/raw` or `data_dir`, gzipped or
     not; `download=True` fetches missing ones with torchvision), or a path ending .npz/.npy/.pt holding a
-    user's (N, D), (N, H, W) or (N, C, H, W) array, uint8 0..255 or float in [0, 1]; after a shuffle seeded
+    user's (N, D), (N, H, W) or (N, C, H, W) array (in a .npz: the one named x, images or data, or the only
+    one; in a .pt: a tensor or a dict with one of those keys), uint8 0..255 (or other integers in that
+    range, or bool) or finite floats in [0, 1], with N >= 2 and no empty dimension; after a shuffle seeded
     by `seed`, its last ceil(N * test_fraction) samples are the test split.
     `num_train`/`num_test` keep the first n samples of each split (for sprites: render n).
     `image_size` only applies to sprites; `test_fraction` only to a user's file.
@@ -480,10 +547,26 @@ class DeviceBatches:
     Exact resume: `position` is the number of batches of the current epoch handed out so far (set before
     each batch is yielded); after saving `(current_epoch, position)`, `epoch(current_epoch, start=position)`
     continues with the very next batch. `permutation(epoch)` gives the epoch's sample order.
+
+    Data parallelism: with `world_size` W > 1 processes, `batch_size` is the *global* batch. Every rank holds
+    the whole split and computes the same permutation; global batch i is perm[i*B : (i+1)*B] and rank `rank`
+    takes its part of it: `torch.tensor_split(global_batch, W)[rank]`, so the ranks' parts, in rank order,
+    make up the global batch. With `drop_last=True`, B must be a multiple of W (every rank gets B // W rows
+    each step, as DDP needs); with `drop_last=False` the parts of the last batch differ by at most one row,
+    and a rank whose part is empty skips that batch. `len` is the number of global batches (the same on every
+    rank); `shard(epoch)` gives the rank's sample indices of an epoch in order.
     """
 
     def __init__(
-        self, data: torch.Tensor, batch_size: int, *, device: torch.device, seed: int, drop_last: bool = True
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        *,
+        device: torch.device,
+        seed: int,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if data.dtype != torch.uint8 and not data.is_floating_point():
             raise TypeError(f"DeviceBatches needs uint8 or floating-point data, got {data.dtype}")
@@ -498,6 +581,14 @@ class DeviceBatches:
             )
         if seed < 0:
             raise DataError(f"seed must be non-negative, got {seed}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need 0 <= rank < world_size, got rank {rank} and world size {world_size}")
+        if drop_last and batch_size % world_size:
+            raise DataError(
+                f"the batch size {batch_size} is the global batch and must be a multiple of the {world_size} "
+                f"processes (each takes batch size / {world_size} rows a step); use e.g. "
+                f"{max(world_size, batch_size // world_size * world_size)}"
+            )
         device = torch.device(device)
         dtype = torch.uint8 if data.dtype == torch.uint8 else torch.float32
         self.data = data.reshape(len(data), -1).to(device=device, dtype=dtype)
@@ -505,6 +596,8 @@ class DeviceBatches:
         self.device = device
         self.seed = seed
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
         self.current_epoch = 0
         self.position = 0
 
@@ -530,8 +623,22 @@ class DeviceBatches:
             raise DataError(f"start batch {start} is out of range for an epoch of {len(self)} batches")
         return self._batches(epoch, self.permutation(epoch), start)
 
+    def bounds(self, i: int) -> tuple[int, int]:
+        """[lo, hi): the positions in the permutation of this rank's part of global batch `i`."""
+        start = i * self.batch_size
+        rows, extra = divmod(min(self.batch_size, len(self.data) - start), self.world_size)
+        lo = start + self.rank * rows + min(self.rank, extra)  # as torch.tensor_split: the first parts get +1
+        return lo, lo + rows + (1 if self.rank < extra else 0)
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices of `epoch`, in the order its batches hand them out, on the device."""
+        perm = self.permutation(epoch)
+        return torch.cat([perm[slice(*self.bounds(i))] for i in range(len(self))])
+
     def _batches(self, epoch: int, perm: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
         self.current_epoch, self.position = epoch, start
         for i in range(start, len(self)):
             self.position = i + 1
-            yield to_float(self.data[perm[i * self.batch_size : (i + 1) * self.batch_size]])
+            lo, hi = self.bounds(i)
+            if hi > lo:
+                yield to_float(self.data[perm[lo:hi]])
