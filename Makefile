@@ -1,8 +1,8 @@
 # One command each: `make test` (set-up + tests) and `make train` (set-up + a short run on sprites).
 # Both create .venv and install fastvae with the pinned versions from constraints.txt.
 PYTHON ?= python3
-# The README's main command: about a minute of training on a 2-core CPU.
-TRAIN_ARGS ?= --likelihood bernoulli --epochs 20
+# The README's main command: 10 epochs (the default), a minute or two on a 2-core CPU.
+TRAIN_ARGS ?= --likelihood bernoulli
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Without a CUDA device the Triton kernels run under Triton's interpreter.

@@ -13,7 +13,8 @@ Reported per case:
   time     median ms of forward, backward, and forward+backward (CUDA: triton.testing.do_bench over
            rotating input buffers; CPU: perf_counter medians)
   GB/s     (CUDA) design bytes of the fused op / time, against a measured device copy bandwidth
-  saved    bytes autograd keeps for backward (saved-tensor hooks, each storage counted once)
+  saved    bytes autograd keeps from forward to backward: saved tensors (saved-tensor hooks) and tensors
+           held on the graph's nodes (the fused loss's gradient stash), each storage counted once
   ops      torch ops dispatched per forward+backward step (TorchDispatchMode)
   moved    bytes read+written by those ops, counting every tensor argument and result once per op
            (views excluded): a device-independent model of memory traffic. It over-counts the fused
@@ -105,17 +106,35 @@ def backward(t: dict[str, torch.Tensor], z: torch.Tensor, loss: torch.Tensor) ->
     return torch.autograd.grad([loss, z], leaves, [None, t["grad_z"]])
 
 
+def _node_attribute_tensors(roots: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Tensors held as attributes of the autograd graph's nodes (a custom op's ctx, e.g. the fused loss's
+    gradient stash), which saved-tensor hooks do not see."""
+    found, seen, stack = [], set(), [r.grad_fn for r in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            found += [obj for obj in torch.utils._pytree.tree_leaves(value) if isinstance(obj, torch.Tensor)]
+        stack += [fn for fn, _ in node.next_functions]
+    return found
+
+
 def saved_bytes(fn, t) -> int:
-    """Bytes autograd saves for backward during fn(t), each storage counted once."""
+    """Bytes autograd keeps from forward to backward during fn(t): saved tensors plus tensors held on the
+    graph's nodes, each storage counted once."""
     storages: dict[int, int] = {}
 
-    def pack(tensor):
+    def count(tensor):
         s = tensor.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
         z, loss = fn(t)
+    for tensor in _node_attribute_tensors((z, loss)):
+        count(tensor)
     backward(t, z, loss)
     return sum(storages.values())
 
