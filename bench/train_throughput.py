@@ -4,7 +4,7 @@
 Systems, each measured in the same run:
   baseline          the canonical PyTorch VAE example's way (bench/baseline_vae_example.py): a DataLoader
                     over PIL + ToTensor per sample, num_workers=1, pin_memory on CUDA, .item() per step
-  reference         fastvae's training engine (`fastvae.train.Trainer`) with the PyTorch reference ops
+  reference         fastvae's training engine (`fastvae.engine.Trainer`) with the PyTorch reference ops
   reference+compile the same with --compile
   fused             the engine with the Triton kernels (CUDA only)
   fused+compile     the same with --compile (CUDA only)
@@ -36,7 +36,8 @@ from rich.table import Table
 from bench import baseline_vae_example as example
 from bench.environment import environment
 from fastvae.data import DataSplits, DeviceBatches, load_dataset
-from fastvae.train import EVAL_BATCH, Trainer, build_model, build_parser, make_config, test_statistics
+from fastvae.engine import EVAL_BATCH, Trainer, test_statistics
+from fastvae.options import build_model, build_parser, make_config
 
 CPU_SYSTEMS = ("baseline", "reference", "reference+compile")
 CUDA_SYSTEMS = ("baseline", "reference", "fused", "fused+compile", "fused+bf16")

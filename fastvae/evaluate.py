@@ -24,7 +24,7 @@ from rich.table import Table
 
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.model import VAE, iwae_log_likelihood
-from fastvae.train import ConfigError, build_model, resolve_device
+from fastvae.options import ConfigError, build_model, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

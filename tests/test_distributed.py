@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import functional, train
+from fastvae import engine, functional, options, rundir
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.distributed import DistributedContext, LossForward, rank_seed, seed_noise
 
@@ -80,7 +80,7 @@ def test_single_process_collectives_are_no_ops():
 
 
 def test_loss_forward_is_the_model_loss():
-    model = train.build_model(_config(hidden=[8], latent_dim=2, data_shape=[6]))
+    model = options.build_model(_config(hidden=[8], latent_dim=2, data_shape=[6]))
     x = torch.rand(4, 6)
     torch.manual_seed(0)
     expected = model.loss(x, beta=0.5, iw_samples=2)
@@ -183,7 +183,7 @@ def _emulate(config: dict, world_size: int) -> tuple[dict[str, torch.Tensor], li
     seed = config["seed"]
     splits = load_dataset("sprites", seed=seed, num_train=config["num_train"], num_test=config["num_test"])
     torch.manual_seed(seed)
-    model = train.build_model(config)
+    model = options.build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     streams = []
     for rank in range(world_size):
@@ -197,7 +197,7 @@ def _emulate(config: dict, world_size: int) -> tuple[dict[str, torch.Tensor], li
         return result
 
     batches = DeviceBatches(splits.train, config["batch_size"], device=CPU, seed=seed)
-    test = DeviceBatches(splits.test, train.EVAL_BATCH, device=CPU, seed=seed, drop_last=False)
+    test = DeviceBatches(splits.test, engine.EVAL_BATCH, device=CPU, seed=seed, drop_last=False)
     rows, window, step = [], [], 0
     for epoch in range(config["epochs"]):
         for x in batches.epoch(epoch):
@@ -283,7 +283,7 @@ def test_torchrun_two_processes_match_the_global_batch(tmp_path):
     config, state, rows = _result(out)
     assert config["world_size"] == 2 and config["batch_size"] == 32
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "checkpoint.pt", *train.PICTURES]
+        ["config.json", "metrics.jsonl", "checkpoint.pt", *rundir.PICTURES]
     )
     expected_state, expected_rows = _emulate(config, world_size=2)
     # Rank 0's metrics alone, or noise shared by the ranks, would be off by far more than this.

@@ -12,7 +12,7 @@ import time
 import pytest
 from run_helpers import TINY, assert_same_state, metrics_rows
 
-from fastvae import checkpoint, train
+from fastvae import checkpoint, engine, train
 
 ARGS = [*TINY, "--epochs", "8", "--log-every", "1"]  # 64 steps, a row each
 
@@ -62,7 +62,7 @@ def test_a_signal_checkpoints_and_resume_finishes_the_same_run(reference, tmp_pa
 
 
 def test_a_second_sigint_leaves_at_once_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    real_step = train.Trainer.train_step
+    real_step = engine.Trainer.train_step
 
     def step_then_signal_twice(self, x):
         real_step(self, x)
@@ -71,7 +71,7 @@ def test_a_second_sigint_leaves_at_once_and_keeps_the_last_checkpoint(tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)  # ... the second leaves before it is saved
             time.sleep(0.1)  # (the handlers run between bytecodes; give them the chance here)
 
-    monkeypatch.setattr(train.Trainer, "train_step", step_then_signal_twice)
+    monkeypatch.setattr(engine.Trainer, "train_step", step_then_signal_twice)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)
     assert train.main([*TINY, "--epochs", "3", "--out", str(out)]) == 130

@@ -10,7 +10,7 @@ import pytest
 import torch
 from run_helpers import TINY, metrics_rows
 
-from fastvae import checkpoint, train
+from fastvae import checkpoint, engine, train
 
 
 def error_line(capsys) -> str:
@@ -47,7 +47,7 @@ class InfGrad(torch.autograd.Function):
 
 def poison_step(monkeypatch, bad_step: int, what: str) -> None:
     """Make optimizer step `bad_step` (1-based) produce a non-finite KL or decoder gradient, also when re-run."""
-    make = train.Trainer._make_loss_step
+    make = engine.Trainer._make_loss_step
 
     def make_poisoned(self):
         loss_step = make(self)
@@ -64,7 +64,7 @@ def poison_step(monkeypatch, bad_step: int, what: str) -> None:
 
         return poisoned
 
-    monkeypatch.setattr(train.Trainer, "_make_loss_step", make_poisoned)
+    monkeypatch.setattr(engine.Trainer, "_make_loss_step", make_poisoned)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_the_guard_costs_no_host_sync_in_the_step(tmp_path, monkeypatch):
 
     (Adam's CPU path reads its step counter, a CPU tensor, which is not a device sync.)"""
     in_step, reads = [False], []
-    real_step = train.Trainer.train_step
+    real_step = engine.Trainer.train_step
 
     def step(self, x):
         in_step[0] = True
@@ -128,6 +128,6 @@ def test_the_guard_costs_no_host_sync_in_the_step(tmp_path, monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
-    monkeypatch.setattr(train.Trainer, "train_step", step)
+    monkeypatch.setattr(engine.Trainer, "train_step", step)
     assert train.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
     assert reads == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import evaluate, train
+from fastvae import evaluate, options, train
 
 TINY = ["--num-train", "512", "--num-test", "128", "--batch-size", "32", "--hidden", "64", "--latent-dim", "4"]
 STATS = ("loss", "elbo", "kl", "log_px")
@@ -58,7 +58,7 @@ def test_run_writes_every_artefact(run_dir):
 
 def test_config_records_every_setting_and_the_versions(run_dir):
     config = json.loads((run_dir / "config.json").read_text())
-    parser_settings = {action.dest for action in train.build_parser()._actions if action.dest != "help"}
+    parser_settings = {action.dest for action in options.build_parser()._actions if action.dest != "help"}
     assert parser_settings <= set(config)
     assert config["likelihood"] == "bernoulli" and config["hidden"] == [64] and config["num_train"] == 512
     assert config["data_shape"] == [1, 28, 28]
@@ -88,7 +88,7 @@ def test_metrics_rows_and_the_loss_goes_down(run_dir):
 def test_checkpoint_holds_the_trained_model(run_dir):
     checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     config = json.loads((run_dir / "config.json").read_text())
-    model = train.build_model(config)
+    model = options.build_model(config)
     model.load_state_dict(checkpoint["model"])
     assert checkpoint["step"] == 48
 

@@ -1,0 +1,386 @@
+"""The training engine: the steps, the device-side statistics, the test evaluation and the checkpoints.
+
+`Trainer` runs the hot loop on data that live on the device. Every step adds its statistics and its
+gradient norm to device-side sums (`RunningMeans`), read (one host synchronisation) every `--log-every`
+steps; a non-finite sum raises NonFiniteError, and `Trainer.diagnose` names the first bad step. All
+statistics are in nats per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from fastvae import checkpoint as ckpt
+from fastvae.data import DeviceBatches
+from fastvae.distributed import DistributedContext, LossForward, seed_noise
+from fastvae.model import VAE, LossOutput
+from fastvae.options import ConfigError
+
+STATS = ("loss", "elbo", "kl", "log_px", "iwae")
+EVAL_BATCH = 1000  # rows per evaluation batch
+
+
+class NonFiniteError(Exception):
+    """The device-side flag saw a non-finite loss or gradient norm since the last good state."""
+
+
+class ImmediateExit(BaseException):  # noqa: N818
+    """A second SIGINT/SIGTERM: leave at once, without saving (BaseException: nothing catches it on the way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for --amp bf16; a no-op for --amp off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+class RunningMeans:
+    """Device-side sums of the `LossOutput` statistics and of the gradient norm; `read` is the only host
+    synchronisation. A non-finite value stays in its sum (inf and NaN are sticky) until the next `read`,
+    which is how the non-finite guard sees a bad loss or gradient without a per-step sync.
+    Under torchrun `read` averages over the ranks too and `finite` looks at every rank (collectives: every
+    rank calls them at the same step), so the statistics cover the global batch; `sums` are this rank's."""
+
+    def __init__(self, device: torch.device, ctx: DistributedContext | None = None) -> None:
+        self.sums = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=device)
+        self.count = 0
+        self.ctx = ctx or DistributedContext()
+
+    def add(self, out: LossOutput, grad_norm: torch.Tensor | None = None) -> None:
+        norm = out.loss.new_zeros(()) if grad_norm is None else grad_norm
+        self.sums += torch.stack([out.loss.detach(), out.elbo, out.kl, out.log_px, out.iwae, norm]).double()
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        """The means since the previous read, by STATS name, and "grad_norm" (of the summed gradient norms)."""
+        total = self.ctx.all_reduce_sum(self.sums.clone())
+        means = (total / (self.count * self.ctx.world_size)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip((*STATS, "grad_norm"), means, strict=True))
+
+    def finite(self) -> bool:
+        """No non-finite value since the previous read (a host sync)."""
+        return not self.ctx.any_true(~torch.isfinite(self.sums).all())
+
+
+@torch.no_grad()
+def test_statistics(
+    model: VAE, test: DeviceBatches, amp: str, ctx: DistributedContext | None = None
+) -> dict[str, float]:
+    """Test ELBO, KL and log p(x|z) over the whole split (one draw of z per sample), nats per sample.
+
+    Under torchrun each rank evaluates its shard of the split (`test` is sharded) and the sums are all-reduced.
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=test.device)
+    for x in test.epoch(0):
+        with autocast(test.device, amp):
+            log_px, kl = model.log_px_and_kl(x)
+        sums += torch.stack([(log_px - kl).sum(), kl.sum(), log_px.sum()]).double()
+    (ctx or DistributedContext()).all_reduce_sum(sums)
+    elbo, kl, log_px = (sums / len(test.data)).tolist()
+    return {"test_elbo": elbo, "test_kl": kl, "test_log_px": log_px}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Trainer:
+    """One training run: the model, its optimizer, the data on the device and the run's records.
+
+    `checkpoint_path` (None: no checkpoints) is where `save_checkpoint` writes. Every step adds its
+    loss and its gradient norm to device-side sums (`running`); `log_train` reads them and raises
+    NonFiniteError when one is not finite, after which `diagnose` re-runs the steps since the last
+    good state (a copy kept at each clean statistics reading) to say which step and which term failed.
+    """
+
+    config: dict[str, Any]
+    model: VAE
+    train: DeviceBatches
+    test: DeviceBatches
+    metrics: IO[str]
+    device: torch.device
+    step: int = 0
+    train_seconds: float = 0.0
+    train_samples: int = 0
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_path: Path | None = None
+    ctx: DistributedContext = field(default_factory=DistributedContext)  # torchrun: this process's rank
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.config["lr"], fused=self.device.type == "cuda"
+        )
+        # Under torchrun: DistributedDataParallel, which averages the gradients over the ranks in backward.
+        self.loss_module = self.ctx.wrap(LossForward(self.model), self.device)
+        self.loss_step = self._make_loss_step()
+        self.running = RunningMeans(self.device, self.ctx)
+        self.metrics_rows = 0  # lines written to metrics.jsonl (kept in the checkpoint)
+        self.stop_signal: int | None = None
+        self.checkpoint_step: int | None = None  # the step of the last checkpoint written or loaded
+        self._good: dict[str, Any] | None = None  # the state at the last clean statistics reading
+        self.started = time.perf_counter()
+        self._window_start = self.started
+        self._window_samples = 0
+
+    def _make_loss_step(self) -> Callable[[torch.Tensor, float], LossOutput]:
+        iw_samples, amp = self.config["iw_samples"], self.config["amp"]
+
+        def loss_step(x: torch.Tensor, beta: float) -> LossOutput:
+            with autocast(self.device, amp):
+                return self.loss_module(x, beta, iw_samples)
+
+        return torch.compile(loss_step) if self.config["compile"] else loss_step
+
+    def beta(self) -> float:
+        """The KL weight at the current step: linear from 0 over --kl-warmup steps, then --beta."""
+        warmup = self.config["kl_warmup"]
+        return self.config["beta"] * (min(1.0, self.step / warmup) if warmup else 1.0)
+
+    def train_step(self, x: torch.Tensor) -> None:
+        out = self.loss_step(x, self.beta())
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        # The non-finite guard, on the device: the per-tensor gradient norms, summed into `running`.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
+        self.optimizer.step()
+        self.running.add(out, grad_norm)
+        self.step += 1
+        self._window_samples += len(x) * self.ctx.world_size  # the global batch (the ranks' parts are equal)
+
+    def write(self, row: dict[str, Any]) -> None:
+        row["wall_time_s"] = round(time.perf_counter() - self.started, 3)
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        self.metrics_rows += 1
+        self.last[row["kind"]] = row
+        self.history.append(row)
+
+    def log_train(self, epoch: int) -> None:
+        """Read the running means (host sync), with the throughput since the previous reading.
+        Raises NonFiniteError (writing no row) when a loss or gradient norm since then was not finite."""
+        if self.running.count == 0:
+            return
+        _synchronize(self.device)
+        means = self.running.read()
+        if not all(math.isfinite(v) for v in means.values()):
+            raise NonFiniteError
+        del means["grad_norm"]
+        now = time.perf_counter()
+        seconds = now - self._window_start
+        self.train_seconds += seconds
+        self.train_samples += self._window_samples
+        row = {"kind": "train", "step": self.step, "epoch": epoch, "beta": self.beta(), **means}
+        if self.config["iw_samples"] == 1:
+            del row["iwae"]  # the same as the ELBO
+        row["samples_per_s"] = self._window_samples / seconds if seconds > 0 else None
+        self.write(row)
+        self._window_start, self._window_samples = now, 0
+
+    def evaluate(self, epoch: int) -> None:
+        """Log the pending training statistics, evaluate on the test split; excluded from the timing."""
+        self.log_train(epoch)
+        self.model.eval()
+        stats = test_statistics(self.model, self.test, self.config["amp"], self.ctx)
+        self.write({"kind": "eval", "step": self.step, "epoch": epoch, **stats})
+        self.model.train()
+        self._window_start = time.perf_counter()
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[None]:
+        """Train one epoch from batch `start` on, yielding after every step (for the progress bar and
+        for stopping: after a yield the state is complete and `capture` gives it). The epoch-end
+        evaluation runs after the last yield, also when `start` is the end of the epoch."""
+        log_every, eval_every = self.config["log_every"], self.config["eval_every"]
+        for x in self.train.epoch(epoch, start):
+            self.train_step(x)
+            if eval_every and self.step % eval_every == 0:
+                self.evaluate(epoch)
+                self.keep_good(epoch, self.train.position)
+            elif self.step % log_every == 0:
+                self.log_train(epoch)
+                self.keep_good(epoch, self.train.position)
+            yield
+        if not eval_every:
+            self.evaluate(epoch)
+        self.log_train(epoch)
+        self.keep_good(epoch + 1, 0)
+
+    # ------------------------------------------------------------------------------ state and checkpoints
+
+    def capture(self, epoch: int, position: int) -> dict[str, Any]:
+        """A copy of everything the run's future depends on; training resumes at batch `position` of
+        `epoch`. The checkpoint payload, less the permutation."""
+        return ckpt.clone(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "epoch": epoch,
+                "position": position,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                },
+                "running": {"sums": self.running.sums, "count": self.running.count},
+                "metrics_rows": self.metrics_rows,
+                "train_seconds": self.train_seconds,
+                "train_samples": self.train_samples,
+                "config": self.config,
+            }
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put the run back in a captured (or checkpointed) state."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{self.checkpoint_path} does not fit the run's model: {problem}") from None
+        self.step = state["step"]
+        own = self._own_part(state)
+        if own is None:  # written by another number of processes: this rank's noise restarts, and the
+            seed_noise(self.config["seed"], self.ctx.rank, self.step)  # ranks share the window's sums
+            sums = [part["running"]["sums"] for part in state["ranks"]]
+            own = {"running": {"sums": sum(sums) / len(sums), "count": state["running"]["count"]}}
+        else:
+            torch.set_rng_state(own["rng"]["torch"])
+            if self.device.type == "cuda" and own["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(own["rng"]["cuda"])
+        self.running.sums.copy_(own["running"]["sums"])
+        self.running.count = own["running"]["count"]
+        self.metrics_rows = state["metrics_rows"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.train_samples = state.get("train_samples", 0)
+
+    def _own_part(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's RNG state and statistics window in `state`, or None when it has none.
+
+        A checkpoint holds every rank's, under "ranks" (rank order); one written by a different number of
+        processes has none for this rank. A `capture` holds this process's own.
+        """
+        parts = state.get("ranks")
+        if parts is None:
+            return state
+        return parts[self.ctx.rank] if len(parts) == self.ctx.world_size else None
+
+    def keep_good(self, epoch: int, position: int) -> None:
+        """Called after a clean statistics reading: the state to re-run from if a later step fails."""
+        self._good = self.capture(epoch, position)
+
+    def all_finite(self) -> bool:
+        """The statistics since the last reading and every parameter are finite (a host sync)."""
+        params = [p.detach() for p in self.model.parameters()]
+        return self.running.finite() and all(bool(torch.isfinite(p).all()) for p in params)
+
+    def save_checkpoint(self, epoch: int, position: int) -> None:
+        """Write checkpoint.pt atomically for a resume at batch `position` of `epoch`; never a
+        non-finite one (raises NonFiniteError instead)."""
+        if self.checkpoint_path is None:
+            return
+        _synchronize(self.device)
+        if not self.all_finite():
+            raise NonFiniteError
+        state = self.capture(epoch, position)
+        state["permutation"] = self.train.permutation(epoch).cpu()
+        own = {"rng": state["rng"], "running": {**state["running"], "sums": state["running"]["sums"].cpu()}}
+        state["ranks"] = self.ctx.all_gather_object(own)  # every rank's noise and window; rank 0 writes
+        if self.ctx.is_main:
+            ckpt.save(self.checkpoint_path, state)
+        self.ctx.barrier()  # no rank leaves (and has torchrun stop the others) before the file is written
+        self.checkpoint_step = self.step
+
+    def should_stop(self) -> bool:
+        """--stop-after reached, or a signal came. Under torchrun the ranks agree on a signal at the
+        statistics readings (every --log-every steps), so that they all stop after the same step."""
+        stop_after = self.config.get("stop_after")
+        if stop_after is not None and self.step >= stop_after:
+            return True
+        if not self.ctx.is_distributed:
+            return self.stop_signal is not None
+        if self.step % self.config["log_every"]:
+            return False
+        return self.ctx.any_true(torch.tensor(self.stop_signal is not None, device=self.device))
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """SIGINT/SIGTERM: stop after the current step; a second one leaves at once."""
+        if self.stop_signal is not None:
+            raise ImmediateExit(signum)
+        self.stop_signal = signum
+
+    # -------------------------------------------------------------------------------------- diagnosis
+
+    def diagnose(self) -> str:
+        """Re-run the steps since the last good state, checking each, and describe the first bad one."""
+        detected, good = self.step, self._good
+        where = self.checkpoint_text()
+        if good is None:
+            return f"a non-finite loss or gradient before step {detected}. {where}"
+        self.restore(good)
+        epoch, position = good["epoch"], good["position"]
+        if position >= len(self.train):
+            epoch, position = epoch + 1, 0
+        params = dict(self.model.named_parameters())
+        for x in self.train.epoch(epoch, position):
+            if self.step >= detected:
+                break
+            beta, lr = self.beta(), self.optimizer.param_groups[0]["lr"]
+            with torch.no_grad(), autocast(self.device, self.config["amp"]):
+                _, logvar = self.model.encode(x)
+            max_logvar = logvar.detach().abs().max().item()
+            out = self.loss_step(x, beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            terms = [name for name, value in (("KL", out.kl), ("log-likelihood", out.log_px)) if not value.isfinite()]
+            if not out.loss.isfinite() and not terms:
+                terms = ["loss"]
+            modules = sorted(
+                {
+                    name.rpartition(".")[0] or name
+                    for name, p in params.items()
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                }
+            )
+            if self.ctx.any_true(torch.tensor(bool(terms or modules), device=self.device)):  # on any rank
+                what = [f"the {' and the '.join(terms)} went non-finite"] if terms else []
+                if modules:
+                    what.append(f"non-finite gradients of {', '.join(modules)}")
+                if not what:
+                    what = ["a non-finite loss in another process's part of the batch"]
+                hint = f"Try a lower --lr (now {lr:g})" + (" or --amp off" if self.config["amp"] != "off" else "")
+                return (
+                    f"training diverged at step {self.step + 1}: {'; '.join(what)}. Largest |logvar| "
+                    f"{max_logvar:.4g}, learning rate {lr:g}. {where} {hint}."
+                )
+            self.optimizer.step()
+            self.step += 1
+        return (
+            f"a non-finite loss or gradient between steps {good['step'] + 1} and {detected}, which did not "
+            f"recur when those steps were re-run. {where} Try a lower --lr or --amp off."
+        )
+
+    def checkpoint_text(self) -> str:
+        """Where the last good checkpoint is, as a sentence for an error message."""
+        if self.checkpoint_step is None or self.checkpoint_path is None:
+            return "No checkpoint was written."
+        return f"The last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step})."

@@ -1,0 +1,269 @@
+"""The options of `python -m fastvae.train` and the run config they resolve to.
+
+`build_parser` reads the command line; `check_options` refuses the conflicts argparse does not see;
+`make_config` resolves the options, the device and the data into the run's config (config.json), and
+`build_model` makes the VAE a config describes. A bad option is a ConfigError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fastvae
+from fastvae import checks
+from fastvae.data import DataSplits
+from fastvae.model import ARCHS, VAE
+
+
+class ConfigError(Exception):
+    """A bad combination of options or an unusable device: printed as is, exit code 2."""
+
+
+def _sigma(text: str) -> float | str:
+    if text == "learned":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'learned', got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"sigma must be a positive finite number, got {text}")
+    return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    """'400' or '512,256' -> [400] or [512, 256]."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
+    return values
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _float_at_least(minimum: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            relation = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"must be a finite number {relation} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_at_least(0.0, strict=True)
+_non_negative_float = _float_at_least(0.0, strict=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2) instead of the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m fastvae.train`; a usage error exits with code 2."""
+    parser = _Parser(
+        prog="python -m fastvae.train",
+        description="Train a VAE with the fused ELBO. Statistics are in nats per sample.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset", default="sprites", help="sprites, mnist, fashion-mnist or a .npz/.npy/.pt path"
+    )
+    data.add_argument("--data-dir", default="data", help="where the MNIST-style IDX files are (or go)")
+    data.add_argument("--download", action="store_true", help="fetch missing MNIST files with torchvision")
+    data.add_argument("--num-train", type=_positive_int, help="use the first N training samples")
+    data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
+    data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
+    model = parser.add_argument_group("model")
+    model.add_argument("--likelihood", choices=checks.DISTS, default="gaussian")
+    model.add_argument("--sigma", type=_sigma, default=1.0, help="Gaussian std: a number or 'learned'")
+    model.add_argument("--arch", choices=ARCHS, default="mlp")
+    model.add_argument(
+        "--hidden",
+        type=_positive_ints,
+        action="append",
+        help="hidden layer sizes, repeatable or 512,256 [400]",
+    )
+    model.add_argument("--latent-dim", type=_positive_int, default=20)
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive_int, default=10)
+    train.add_argument("--batch-size", type=_positive_int, default=128)
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    train.add_argument("--beta", type=_non_negative_float, default=1.0, help="weight of the KL term")
+    train.add_argument(
+        "--kl-warmup", type=_non_negative_int, default=0, help="steps of linear beta warm-up from 0"
+    )
+    train.add_argument("--iw-samples", type=_positive_int, default=1, help="K > 1 trains on the IWAE_K bound")
+    train.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the Triton kernels (default: on CUDA; elsewhere the PyTorch reference)",
+    )
+    train.add_argument("--compile", action="store_true", help="torch.compile the loss step")
+    train.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast the forward to bf16")
+    train.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    train.add_argument("--seed", type=_non_negative_int, default=0)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", help="run directory (default: runs/<dataset>-<timestamp>)")
+    out.add_argument("--log-every", type=_positive_int, default=50, help="steps between statistics reads")
+    out.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=0,
+        help="steps between test evaluations (0: each epoch end)",
+    )
+    out.add_argument(
+        "--overwrite", action="store_true", help="train into an existing non-empty --out (replaces its run files)"
+    )
+    reliable = parser.add_argument_group("checkpoints and resume (see docs/training.md)")
+    reliable.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint.pt; only --epochs, --log-every, "
+        "--checkpoint-every, --device, --data-dir, --download and --stop-after may be given anew",
+    )
+    reliable.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=0,
+        help="steps between checkpoints, besides the one at each epoch end (0: epoch ends only)",
+    )
+    reliable.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="STEPS",
+        help="stop once the run has done STEPS steps in all, with a checkpoint to --resume from (exit code 0)",
+    )
+    return parser
+
+
+def explicit_options(argv: Sequence[str]) -> set[str]:
+    """The settings (dests) given on the command line `argv`, as opposed to their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_options(args: argparse.Namespace, explicit: set[str]) -> None:
+    """Conflicts between options that argparse does not see; each a one-line ConfigError."""
+    if args.resume is not None and args.overwrite:
+        raise ConfigError(
+            "--resume and --overwrite exclude each other: --resume continues a run, --overwrite starts one afresh"
+        )
+    if args.resume is not None and "out" in explicit:
+        raise ConfigError("--resume RUN_DIR names the run directory already; leave out --out")
+    if args.resume is not None:
+        return  # the other settings come from the run; resume_settings checks what was given anew
+    if "sigma" in explicit and args.likelihood != "gaussian":
+        raise ConfigError(f"--sigma applies to --likelihood gaussian only, not {args.likelihood}")
+    if "image_size" in explicit and args.dataset != "sprites":
+        raise ConfigError(f"--image-size applies to --dataset sprites only, not {args.dataset}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device NAME, checked (ConfigError); None: cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r} is not a device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_impl(fused: bool | None, device: torch.device) -> str:
+    """--fused/--no-fused -> the ops' impl: "auto" (Triton on CUDA), "triton" or "torch"."""
+    if fused is None:
+        return "auto"
+    if not fused:
+        return "torch"
+    if device.type == "cuda" or (device.type == "cpu" and checks.interpreter_enabled()):
+        return "triton"
+    raise ConfigError(
+        f"--fused needs a CUDA device for the Triton kernels, and the device is {device}. Use --no-fused "
+        "(the PyTorch reference), or set TRITON_INTERPRET=1 to run the kernels on the CPU (very slow)."
+    )
+
+
+def _version(package: str) -> str:
+    """The installed version of `package`, or "not installed"."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def make_config(args: argparse.Namespace, device: torch.device, splits: DataSplits) -> dict[str, Any]:
+    """Every setting of the run, resolved, plus the data shape and the versions of the software."""
+    config = vars(args).copy()
+    config.update(
+        hidden=[h for group in args.hidden or [[400]] for h in group],
+        device=str(device),
+        impl=resolve_impl(args.fused, device),
+        data_shape=list(splits.sample_shape),
+        num_train=len(splits.train),
+        num_test=len(splits.test),
+        versions={"torch": str(torch.__version__), "triton": _version("triton"), "fastvae": fastvae.__version__},
+        command=" ".join([Path(sys.executable).name, "-m", "fastvae.train", *sys.argv[1:]]),
+        started=datetime.now().isoformat(timespec="seconds"),
+    )
+    config["fused"] = config["impl"] == "triton" or (config["impl"] == "auto" and device.type == "cuda")
+    return config
+
+
+def build_model(config: dict[str, Any]) -> VAE:
+    """The VAE a config describes (also used by `fastvae.evaluate`), on the CPU."""
+    try:
+        return VAE(
+            tuple(config["data_shape"]),
+            config["latent_dim"],
+            arch=config["arch"],
+            hidden=tuple(config["hidden"]),
+            likelihood=config["likelihood"],
+            sigma=config["sigma"],
+            beta=config["beta"],
+            impl=config["impl"],
+        )
+    except ValueError as err:
+        raise ConfigError(str(err).replace("`", "")) from None

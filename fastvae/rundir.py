@@ -1,0 +1,151 @@
+"""The run directory (`--out`, `--resume RUN_DIR`): its files, a fresh run's preparation and a resumed
+run's settings, config and metrics.
+
+A run directory holds RUN_FILES: config.json, metrics.jsonl (a JSON row per statistics reading and
+per evaluation), checkpoint.pt, the PICTURES, and eval.json from `fastvae.evaluate`. A resumed run keeps
+its settings but RESUME_MAY_CHANGE, its data (checked by shape and fingerprint) and the metrics its
+checkpoint knows of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastvae import checkpoint as ckpt
+from fastvae.data import DataSplits
+from fastvae.options import ConfigError
+
+PICTURES = ("samples.png", "reconstructions.png", "loss.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", *PICTURES, "eval.json")
+
+# Settings a resumed run may change; every other one is part of the run and must stay as it was.
+RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "device", "data_dir", "download")
+# Settings of one invocation, never taken over from the run being resumed.
+PER_INVOCATION = ("resume", "overwrite", "stop_after", "out")
+_FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _comparable(dest: str, value: Any) -> Any:
+    """A command-line value in the form config.json stores it."""
+    if dest == "hidden" and value is not None:
+        return [h for group in value for h in group]
+    return value
+
+
+def _stored(dest: str, config: dict[str, Any]) -> Any:
+    if dest == "fused":
+        return _FUSED_OF_IMPL.get(config.get("impl"), config.get("fused"))
+    return config.get(dest)
+
+
+def resume_settings(
+    args: argparse.Namespace, explicit: set[str]
+) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
+    """--resume RUN_DIR: the run's settings with the allowed changes, its checkpoint and its config."""
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: {path} not found, so there is nothing to resume from")
+    state = ckpt.load(path)
+    old = state["config"]
+    allowed = ", ".join(_flag(d) for d in (*RESUME_MAY_CHANGE, "stop_after"))
+    for dest in sorted(explicit - set(RESUME_MAY_CHANGE) - set(PER_INVOCATION)):
+        new, before = _comparable(dest, getattr(args, dest)), _stored(dest, old)
+        if new != before:
+            raise ConfigError(
+                f"--resume {run_dir}: {_flag(dest)} {json.dumps(new)} differs from the run's {json.dumps(before)}; "
+                f"a resumed run keeps its settings (only {allowed} may change)"
+            )
+    settings = {dest: old.get(dest) for dest in vars(args)}
+    settings.update(
+        hidden=[old["hidden"]], fused=_stored("fused", old), **{d: getattr(args, d) for d in PER_INVOCATION}
+    )
+    settings.update({d: getattr(args, d) for d in RESUME_MAY_CHANGE if d in explicit})
+    settings["out"] = str(run_dir)
+    if settings.get("checkpoint_every") is None:
+        settings["checkpoint_every"] = 0
+    if settings["epochs"] <= state["epoch"]:
+        raise ConfigError(
+            f"--resume {run_dir}: the run has completed {state['epoch']} of --epochs {settings['epochs']}; "
+            f"pass a larger --epochs to train further"
+        )
+    if args.stop_after is not None and args.stop_after <= state["step"]:
+        raise ConfigError(f"--stop-after {args.stop_after}: the run is at step {state['step']} already")
+    return argparse.Namespace(**settings), state, old
+
+
+def default_out_dir(dataset: str) -> Path:
+    """runs/<dataset>-<local time stamp>: the run directory when --out is not given."""
+    stem = Path(dataset).stem if dataset.lower().endswith((".npz", ".npy", ".pt")) else dataset
+    return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_out_dir(args: argparse.Namespace) -> Path:
+    """The run directory of a fresh run: a non-empty one is refused, unless --overwrite."""
+    out_dir = Path(args.out) if args.out else default_out_dir(args.dataset)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not args.overwrite:
+            raise ConfigError(
+                f"--out {out_dir} is not empty: pass --resume {out_dir} to continue its run, or --overwrite "
+                "to replace it"
+            )
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    return out_dir
+
+
+def data_fingerprint(splits: DataSplits) -> str:
+    """16 hex digits of the SHA-256 of both splits' shapes, dtypes and bytes (config.json's data_sha256)."""
+    digest = hashlib.sha256()
+    for split in (splits.train, splits.test):
+        digest.update(str((tuple(split.shape), str(split.dtype))).encode())
+        digest.update(split.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resumed_config(config: dict[str, Any], old: dict[str, Any], step: int, run_dir: Path) -> dict[str, Any]:
+    """The config of the run in `run_dir`, resumed at `step`: its own `old` one with the settings this
+    invocation may change taken from `config` (this invocation's, from `make_config`) and the resume
+    recorded under "resumed". Raises ConfigError when `config`'s data differ from the run's."""
+    for key in ("data_shape", "num_train", "num_test", "data_sha256"):
+        if key in old and config[key] != old[key]:
+            raise ConfigError(
+                f"--resume {run_dir}: the data set differs from the run's ({key} {json.dumps(config[key])}, "
+                f"was {json.dumps(old[key])})"
+            )
+    resumed = {"step": step, **{k: config[k] for k in ("command", "started", "world_size")}}
+    merged = {**old, **{k: config[k] for k in (*RESUME_MAY_CHANGE, *PER_INVOCATION, "fused")}}
+    merged["resumed"] = [*old.get("resumed", []), resumed]
+    merged["world_size"] = config["world_size"]
+    return merged
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` to `path` as indented JSON, atomically."""
+    ckpt.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def restore_metrics(path: Path, rows: int) -> list[dict[str, Any]]:
+    """Cut metrics.jsonl back to the `rows` lines the checkpoint knows of; returns them."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if len(lines) < rows:
+        raise ConfigError(f"{path} has {len(lines)} rows, fewer than the {rows} the checkpoint was written after")
+    try:
+        history = [json.loads(line) for line in lines[:rows]]
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is corrupt: {err}") from None
+    ckpt.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines[:rows]).encode()))
+    return history
