@@ -124,7 +124,8 @@ def run_epochs(trainer: Trainer, console: Console, start_epoch: int = 0, start_p
             progress.update(task, stats=f"{_stats_text(trainer.last.get('train'))}  test ELBO {test:.2f}")
             if not console.is_terminal:
                 console.print(
-                    f"epoch {epoch + 1}/{epochs}: {_stats_text(trainer.last.get('train'))}, test ELBO {test:.2f}"
+                    f"epoch {epoch + 1}/{epochs}: {_stats_text(trainer.last.get('train'))}, test ELBO {test:.2f}",
+                    soft_wrap=True,  # one line per epoch in a log file
                 )
             if trainer.should_stop() and epoch + 1 < epochs:
                 raise _stopped(trainer)
