@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 4096, 65536] if cuda else [256, 4096])
-    p.add_argument("--dim", type=int, nargs="+", default=[784, 3072, 12288] if cuda else [784, 3072])
+    p.add_argument("--dim", type=int, nargs="+", default=[784, 3072, 12288] if cuda else [784])
     p.add_argument("--latent", type=int, nargs="+", default=[20, 128])
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--dist", nargs="+", choices=["gaussian", "bernoulli"], default=["gaussian", "bernoulli"])
