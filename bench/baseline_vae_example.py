@@ -3,7 +3,8 @@ trains one, written here from its description.
 
 - a map-style dataset that turns each uint8 28x28 image into a PIL image and then a float tensor
   through `torchvision.transforms.ToTensor`, as `torchvision.datasets.MNIST` does per sample;
-- a `DataLoader` with shuffling, `num_workers=1`, and `pin_memory` on CUDA;
+- a `DataLoader` with shuffling, and on CUDA `num_workers=1` and `pin_memory` (on the CPU the example
+  passes neither, so the default `num_workers=0` loads in the training process);
 - the 784-400-20 MLP with a sigmoid output, the loss as binary cross-entropy (summed) plus the
   analytic KL, in eager PyTorch, Adam with lr 1e-3;
 - `loss.item()` after every step (a host synchronisation per step).
@@ -81,7 +82,7 @@ def loader(images: Tensor, batch_size: int, *, device: torch.device, shuffle: bo
         PILImages(images),
         batch_size=batch_size,
         shuffle=shuffle,
-        num_workers=1,
+        num_workers=1 if device.type == "cuda" else 0,
         pin_memory=device.type == "cuda",
     )
 

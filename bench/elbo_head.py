@@ -34,7 +34,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from rich.console import Console
@@ -68,7 +68,6 @@ class Result:
     moved_bytes: int = 0
     peak_extra_bytes: int | None = None
     launches_per_step: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -202,9 +201,8 @@ def time_cuda(fn, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, float, 
         state["i"] = (state["i"] + 1) % len(inputs)
         return inputs[state["i"]]
 
-    def fwd():
-        with torch.no_grad():
-            fn(pick())
+    def fwd():  # with autograd recording, as in training (the graph is dropped)
+        fn(pick())
 
     def fwd_bwd():
         t = pick()

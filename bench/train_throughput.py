@@ -3,7 +3,7 @@
 
 Systems, each measured in the same run:
   baseline          the canonical PyTorch VAE example's way (bench/baseline_vae_example.py): a DataLoader
-                    over PIL + ToTensor per sample, num_workers=1, pin_memory on CUDA, .item() per step
+                    over PIL + ToTensor per sample (num_workers=1 and pin_memory on CUDA), .item() per step
   reference         fastvae's training engine (`fastvae.engine.Trainer`) with the PyTorch reference ops
   reference+compile the same with --compile
   fused             the engine with the Triton kernels (CUDA only)

@@ -42,8 +42,8 @@ def _comparable(dest: str, value: Any) -> Any:
 
 
 def _stored(dest: str, config: dict[str, Any]) -> Any:
-    if dest == "fused":
-        return _FUSED_OF_IMPL.get(config.get("impl"), config.get("fused"))
+    """The run's value of a setting, to compare with one given again: for --fused, the ops the run
+    actually used (config "fused"), so --no-fused matches a CPU run started without the flag."""
     return config.get(dest)
 
 
@@ -69,7 +69,9 @@ def resume_settings(
             )
     settings = {dest: old.get(dest) for dest in vars(args)}
     settings.update(
-        hidden=[old["hidden"]], fused=_stored("fused", old), **{d: getattr(args, d) for d in PER_INVOCATION}
+        hidden=[old["hidden"]],
+        fused=_FUSED_OF_IMPL.get(old.get("impl"), old.get("fused")),  # "auto" resolves again on this device
+        **{d: getattr(args, d) for d in PER_INVOCATION},
     )
     settings.update({d: getattr(args, d) for d in RESUME_MAY_CHANGE if d in explicit})
     settings["out"] = str(run_dir)
@@ -92,19 +94,23 @@ def default_out_dir(dataset: str) -> Path:
 
 
 def prepare_out_dir(args: argparse.Namespace) -> Path:
-    """The run directory of a fresh run: a non-empty one is refused, unless --overwrite."""
+    """The run directory of a fresh run: a non-empty one is refused, unless --overwrite (whose deletion
+    waits for `clear_run_files`, once the run's data and settings have passed their checks)."""
     out_dir = Path(args.out) if args.out else default_out_dir(args.dataset)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not args.overwrite:
-            raise ConfigError(
-                f"--out {out_dir} is not empty: pass --resume {out_dir} to continue its run, or --overwrite "
-                "to replace it"
-            )
-        for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise ConfigError(
+            f"--out {out_dir} is not empty: pass --resume {out_dir} to continue its run, or --overwrite "
+            "to replace it"
+        )
     return out_dir
+
+
+def clear_run_files(out_dir: Path) -> None:
+    """Delete an earlier run's files (RUN_FILES) from `out_dir`, leaving any other file alone."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def data_fingerprint(splits: DataSplits) -> str:

@@ -49,6 +49,7 @@ from fastvae.options import (
 )
 from fastvae.rundir import (
     PICTURES,
+    clear_run_files,
     data_fingerprint,
     prepare_out_dir,
     restore_metrics,
@@ -206,15 +207,12 @@ def _signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def train(args: argparse.Namespace, console: Console, explicit: set[str] | None = None) -> Path:
+def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Path:
     """Run the training that `args` describe; returns the run directory.
 
-    `explicit`: the settings given on the command line (default: those that differ from the defaults).
+    `explicit`: the settings given on the command line (`explicit_options(argv)`).
     Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
     """
-    if explicit is None:
-        defaults = vars(build_parser().parse_args([]))
-        explicit = {k for k, v in vars(args).items() if v != defaults.get(k)}
     check_options(args, explicit)
     try:
         ctx = DistributedContext.from_env()  # torchrun's RANK, WORLD_SIZE and LOCAL_RANK (docs/distributed.md)
@@ -292,6 +290,8 @@ def _train(
             trainer.history = restore_metrics(out_dir / "metrics.jsonl", state["metrics_rows"])
         trainer.last = {row["kind"]: row for row in trainer.history}
     if ctx.is_main:
+        if state is None:
+            clear_run_files(out_dir)  # --overwrite: only now that the data and the settings have passed
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "config.json", config)
     console.print(

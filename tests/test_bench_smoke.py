@@ -17,7 +17,7 @@ from bench import elbo_head, report, train_throughput
 @pytest.fixture(scope="module")
 def throughput_json(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("bench") / "throughput.json"
-    args = ["--num-train", "512", "--num-test", "256", "--batch", "64", "--epochs", "2",
+    args = ["--num-train", "500", "--num-test", "256", "--batch", "64", "--epochs", "2",
             "--systems", "baseline", "reference", "--json", str(path)]
     train_throughput.main(args)
     return json.loads(path.read_text())
@@ -31,8 +31,8 @@ def test_train_throughput_reports_every_system(throughput_json):
         assert r["samples_per_s"] == pytest.approx(r["samples_per_epoch"] / r["median_epoch_s"])
         assert 0 < r["test_loss"] < 543.6  # below 784 * log 2: better than a coin per pixel
     baseline, reference = results
-    assert baseline["samples_per_epoch"] == 512  # the DataLoader keeps the last partial batch
-    assert reference["samples_per_epoch"] == 512  # 8 full batches of 64
+    assert baseline["samples_per_epoch"] == 500  # the DataLoader keeps the last partial batch
+    assert reference["samples_per_epoch"] == 448  # the engine drops it: 7 full batches of 64
     assert throughput_json["environment"]["commit"]
 
 
@@ -42,9 +42,11 @@ def test_train_throughput_markdown(throughput_json):
     assert "×" in text.splitlines()[-1]  # the reference row has its speed-up against the baseline
 
 
-def test_train_throughput_refuses_warmup_without_timed_epochs():
-    with pytest.raises(SystemExit):
+def test_train_throughput_refuses_warmup_without_timed_epochs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         train_throughput.main(["--epochs", "1", "--warmup", "1"])
+    assert exit_info.value.code == 2
+    assert "--warmup must be in [0, --epochs), got 1 with --epochs 1" in capsys.readouterr().err
 
 
 def test_elbo_head_design_measurements(tmp_path):

@@ -91,3 +91,18 @@ def test_an_empty_out_dir_is_fine(tmp_path):
     out.mkdir()
     assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(capsys, tmp_path):
+    """--overwrite deletes the old run's files only after the new run's data and settings passed."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    missing = tmp_path / "missing.npy"
+    assert train.main(["--dataset", str(missing), "--epochs", "1", "--out", str(out), "--overwrite"]) == 2
+    assert str(missing) in one_error_line(capsys)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert train.main([*TINY, "--batch-size", "4096", "--epochs", "1", "--out", str(out), "--overwrite"]) == 2
+    assert "--batch-size 4096 is larger than the 64 training samples" in one_error_line(capsys)
+    assert (out / "checkpoint.pt").read_bytes() == before
