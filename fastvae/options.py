@@ -95,12 +95,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not where the help text gives it, nor a None or False default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m fastvae.train`; a usage error exits with code 2."""
     parser = _Parser(
         prog="python -m fastvae.train",
         description="Train a VAE with the fused ELBO. Statistics are in nats per sample.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -112,19 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
     model = parser.add_argument_group("model")
-    model.add_argument("--likelihood", choices=checks.DISTS, default="gaussian")
+    model.add_argument(
+        "--likelihood", choices=checks.DISTS, default="gaussian", help="p(x|z): Gaussian mean or Bernoulli logits"
+    )
     model.add_argument("--sigma", type=_sigma, default=1.0, help="Gaussian std: a number or 'learned'")
-    model.add_argument("--arch", choices=ARCHS, default="mlp")
+    model.add_argument("--arch", choices=ARCHS, default="mlp", help="fully connected, or two conv layers first")
     model.add_argument(
         "--hidden",
         type=_positive_ints,
         action="append",
         help="hidden layer sizes, repeatable or 512,256 [400]",
     )
-    model.add_argument("--latent-dim", type=_positive_int, default=20)
+    model.add_argument("--latent-dim", type=_positive_int, default=20, help="K, the size of z")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=10)
-    train.add_argument("--batch-size", type=_positive_int, default=128)
+    train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training split")
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=128, help="samples per step (under torchrun: all ranks')"
+    )
     train.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
     train.add_argument("--beta", type=_non_negative_float, default=1.0, help="weight of the KL term")
     train.add_argument(
@@ -140,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the loss step")
     train.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast the forward to bf16")
     train.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    train.add_argument("--seed", type=_non_negative_int, default=0)
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the model, the data order and z")
     out = parser.add_argument_group("output")
     out.add_argument("--out", help="run directory (default: runs/<dataset>-<timestamp>)")
     out.add_argument("--log-every", type=_positive_int, default=50, help="steps between statistics reads")
