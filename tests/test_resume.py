@@ -106,7 +106,7 @@ def test_log_every_may_change_on_resume(reference, tmp_path):
         (["--dataset", "mnist"], '--dataset "mnist" differs from the run\'s "sprites"'),
         (["--hidden", "64"], "--hidden [64] differs from the run's [32]"),
         (["--lr", "0.1"], "--lr 0.1 differs from the run's 0.003"),
-        (["--fused"], "--fused true differs from the run's null"),
+        (["--fused"], "--fused true differs from the run's false"),
         (["--num-train", "128"], "--num-train 128 differs from the run's 256"),
         (["--eval-every", "4"], "--eval-every 4 differs from the run's 0"),
         (["--epochs", "1"], "the run has completed 1 of --epochs 1; pass a larger --epochs"),
