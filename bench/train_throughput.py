@@ -32,11 +32,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import DataLoader
 
 from bench import baseline_vae_example as example
 from bench.environment import environment
 from fastvae.data import DataSplits, DeviceBatches, load_dataset
-from fastvae.engine import EVAL_BATCH, Trainer, test_statistics
+from fastvae.engine import EVAL_BATCH, Trainer, synchronize, test_statistics
 from fastvae.options import build_model, build_parser, make_config
 
 CPU_SYSTEMS = ("baseline", "reference", "reference+compile")
@@ -69,28 +70,30 @@ class Result:
         return self.samples_per_epoch / self.median_epoch_s
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_epochs(run_epoch: Callable[[int], None], epochs: int, warmup: int, device: torch.device) -> list[float]:
+def _timed_epochs(run_epoch: Callable[[int], object], epochs: int, warmup: int, device: torch.device) -> list[float]:
     seconds = []
     for epoch in range(epochs):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         run_epoch(epoch)
-        _synchronize(device)
+        synchronize(device)
         if epoch >= warmup:
             seconds.append(time.perf_counter() - start)
     return seconds
 
 
-def run_baseline(splits: DataSplits, batch_size: int, epochs: int, warmup: int, device: torch.device) -> Result:
+def baseline(
+    splits: DataSplits, batch_size: int, device: torch.device
+) -> tuple[example.ExampleVAE, torch.optim.Optimizer, DataLoader]:
+    """The example's model (seeded), its Adam and its training DataLoader."""
     torch.manual_seed(0)
     model = example.ExampleVAE().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train = example.loader(splits.train, batch_size, device=device, shuffle=True)
+    return model, optimizer, example.loader(splits.train, batch_size, device=device, shuffle=True)
+
+
+def run_baseline(splits: DataSplits, batch_size: int, epochs: int, warmup: int, device: torch.device) -> Result:
+    model, optimizer, train = baseline(splits, batch_size, device)
     result = Result("baseline", batch_size, samples_per_epoch=len(train.dataset))
     result.epoch_seconds = _timed_epochs(
         lambda _: example.train_epoch(model, train, optimizer, device), epochs, warmup, device
@@ -101,7 +104,10 @@ def run_baseline(splits: DataSplits, batch_size: int, epochs: int, warmup: int, 
 
 
 def engine(system: str, splits: DataSplits, batch_size: int, device: torch.device) -> Trainer:
-    """The training engine as `python -m fastvae.train` builds it, with statistics written nowhere."""
+    """The training engine as `python -m fastvae.train` builds it, with statistics written nowhere.
+    A compiled system starts from a fresh dynamo state (compiled afresh for each system and batch size)."""
+    if "compile" in system:
+        torch._dynamo.reset()
     argv = ["--likelihood", "bernoulli", "--hidden", "400", "--latent-dim", "20", "--lr", "1e-3",
             "--batch-size", str(batch_size), "--device", str(device), *ENGINE_FLAGS[system]]
     args = build_parser().parse_args(argv)
@@ -113,23 +119,21 @@ def engine(system: str, splits: DataSplits, batch_size: int, device: torch.devic
     return Trainer(config, model, train, test, io.StringIO(), device)
 
 
+def engine_epoch(trainer: Trainer, epoch: int) -> None:
+    """One epoch of the engine's steps with its statistics reads every --log-every steps; no evaluation."""
+    for x in trainer.train.epoch(epoch):
+        trainer.train_step(x)
+        if trainer.step % trainer.config["log_every"] == 0:
+            trainer.log_train(epoch)
+    trainer.log_train(epoch)
+
+
 def run_engine(
     system: str, splits: DataSplits, batch_size: int, epochs: int, warmup: int, device: torch.device
 ) -> Result:
-    if "compile" in system:
-        torch._dynamo.reset()  # compile afresh for each system and batch size
     trainer = engine(system, splits, batch_size, device)
-    log_every = trainer.config["log_every"]
-
-    def run_epoch(epoch: int) -> None:
-        for x in trainer.train.epoch(epoch):  # the engine's step and its statistics reads, no evaluation
-            trainer.train_step(x)
-            if trainer.step % log_every == 0:
-                trainer.log_train(epoch)
-        trainer.log_train(epoch)
-
     result = Result(system, batch_size, samples_per_epoch=len(trainer.train) * batch_size)
-    result.epoch_seconds = _timed_epochs(run_epoch, epochs, warmup, device)
+    result.epoch_seconds = _timed_epochs(lambda epoch: engine_epoch(trainer, epoch), epochs, warmup, device)
     trainer.model.eval()
     result.test_loss = -test_statistics(trainer.model, trainer.test, trainer.config["amp"])["test_elbo"]
     return result

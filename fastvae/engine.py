@@ -94,7 +94,8 @@ def test_statistics(
     return {"test_elbo": elbo, "test_kl": kl, "test_log_px": log_px}
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU. For honest timings."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -181,7 +182,7 @@ class Trainer:
         Raises NonFiniteError (writing no row) when a loss or gradient norm since then was not finite."""
         if self.running.count == 0:
             return
-        _synchronize(self.device)
+        synchronize(self.device)
         means = self.running.read()
         if not all(math.isfinite(v) for v in means.values()):
             raise NonFiniteError
@@ -298,7 +299,7 @@ class Trainer:
         non-finite one (raises NonFiniteError instead)."""
         if self.checkpoint_path is None:
             return
-        _synchronize(self.device)
+        synchronize(self.device)
         if not self.all_finite():
             raise NonFiniteError
         state = self.capture(epoch, position)

@@ -41,12 +41,6 @@ def _comparable(dest: str, value: Any) -> Any:
     return value
 
 
-def _stored(dest: str, config: dict[str, Any]) -> Any:
-    """The run's value of a setting, to compare with one given again: for --fused, the ops the run
-    actually used (config "fused"), so --no-fused matches a CPU run started without the flag."""
-    return config.get(dest)
-
-
 def resume_settings(
     args: argparse.Namespace, explicit: set[str]
 ) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
@@ -61,7 +55,9 @@ def resume_settings(
     old = state["config"]
     allowed = ", ".join(_flag(d) for d in (*RESUME_MAY_CHANGE, "stop_after"))
     for dest in sorted(explicit - set(RESUME_MAY_CHANGE) - set(PER_INVOCATION)):
-        new, before = _comparable(dest, getattr(args, dest)), _stored(dest, old)
+        # The run's value; for --fused, config "fused" holds the ops the run used, so --no-fused
+        # matches a CPU run that was started without the flag.
+        new, before = _comparable(dest, getattr(args, dest)), old.get(dest)
         if new != before:
             raise ConfigError(
                 f"--resume {run_dir}: {_flag(dest)} {json.dumps(new)} differs from the run's {json.dumps(before)}; "
