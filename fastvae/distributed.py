@@ -12,7 +12,10 @@ for what is per rank and what is global.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +114,12 @@ class DistributedContext:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # torch.distributed.nn.functional has `group=group.WORLD` default arguments, evaluated when it is
+        # first imported, which torch does lazily (DistributedDataParallel imports torch._dynamo, which
+        # imports it). Imported after the group exists, those defaults would hold the group for the life
+        # of the process, so that destroy_process_group could not end its threads (docs/distributed.md).
+        importlib.import_module("torch.distributed.nn")
+
         dist.init_process_group(
             backend=self.backend(device),
             rank=self.rank,
@@ -118,19 +127,35 @@ class DistributedContext:
             device_id=device if device.type == "cuda" else None,
         )
 
-    def cleanup(self) -> None:
-        """Leave the process group, if this process joined one."""
-        if self.is_distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def cleanup(self, completed: bool = True) -> None:
+        """Leave the process group, if this process joined one, and end its threads.
+
+        Call it after the last collective, with no reference left to the DDP-wrapped module: its reducer
+        holds the group, and a reference cycle (the trainer's loss step closes over the trainer) would keep
+        it until the interpreter's final collection, when a communication thread that frees a tensor can
+        no longer take the GIL and aborts the process. So: collect those cycles, wait for every rank
+        (`completed`: a failed rank does not wait for ranks that may never arrive), then destroy the group,
+        which joins its threads while the interpreter is fully alive.
+        """
+        if not (self.is_distributed and dist.is_initialized()):
+            return
+        gc.collect()
+        if completed:
+            dist.barrier()
+        dist.destroy_process_group()
 
     @contextlib.contextmanager
     def session(self, device: torch.device) -> Iterator[DistributedContext]:
-        """`init` on entry, `cleanup` on exit (also after an error)."""
+        """`init` on entry, `cleanup` on exit. After an error, the frames that the error's traceback
+        keeps alive (and, through them, the DDP module) are cleared first, so the group still ends."""
         self.init(device)
         try:
             yield self
-        finally:
-            self.cleanup()
+        except BaseException as err:
+            _clear_traceback_frames(err)
+            self.cleanup(completed=False)
+            raise
+        self.cleanup()
 
     # --------------------------------------------------------------------------------- collectives
 
@@ -179,6 +204,18 @@ class DistributedContext:
         if not self.is_distributed:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _clear_traceback_frames(err: BaseException) -> None:
+    """Drop the local variables of the finished frames in `err`'s traceback and in those of its causes.
+
+    The message and the traceback's lines stay; frames still running (the callers) are left as they are.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
 
 
 class LossForward(nn.Module):

@@ -298,7 +298,7 @@ def _train(
         f"Training on {splits.name} {tuple(splits.sample_shape)}: {len(splits.train)} train, "
         f"{len(splits.test)} test samples; {device}, {_ops_name(config)}. Run directory: {out_dir}"
         + (f"; {ctx.world_size} processes, global batch {args.batch_size}" if ctx.is_distributed else ""),
-        soft_wrap=True,
+        soft_wrap=True, markup=False,
     )
     if state is not None:
         console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
@@ -319,9 +319,11 @@ def _train(
                 else "Stopped (--stop-after)"
             )
             console.print(
-                f"{reason} after step {trainer.step}; checkpoint written to {trainer.checkpoint_path}.", soft_wrap=True
+                f"{reason} after step {trainer.step}; checkpoint written to {trainer.checkpoint_path}.",
+                soft_wrap=True,
+                markup=False,
             )
-            console.print(f"Resume with: {resume_command}", soft_wrap=True)
+            console.print(f"Resume with: {resume_command}", soft_wrap=True, markup=False)
             raise
         except ImmediateExit as err:
             err.args = (f"{trainer.checkpoint_text()} Resume with: {resume_command}",)
@@ -331,10 +333,10 @@ def _train(
     skipped = write_pictures(trainer, splits, out_dir)
     console.print(summary_table(trainer))
     drawn = [str(out_dir / name) for name in PICTURES if (out_dir / name).exists()]
-    console.print("Pictures: " + ", ".join(drawn), soft_wrap=True)  # paths stay whole
+    console.print("Pictures: " + ", ".join(drawn), soft_wrap=True, markup=False)  # paths stay whole
     for reason in skipped:
         console.print(f"Skipped {reason}")
-    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True)
+    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
     return out_dir
 
 

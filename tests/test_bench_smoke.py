@@ -65,3 +65,19 @@ def test_elbo_head_design_measurements(tmp_path):
     assert 0 < fused["ops_per_step"] < eager["ops_per_step"]
     assert 0 < fused["moved_bytes"] < eager["moved_bytes"]
     assert "| 8 | 33 | 5 | fp32 | bernoulli | fused |" in report.markdown(data)
+
+
+@pytest.mark.slow
+def test_ddp_stress_counts_clean_exits(tmp_path, capsys):
+    """One finished torchrun job, one Ctrl-C and one scheduler SIGTERM: each clean, with its exit codes."""
+    from bench import ddp_stress
+
+    path = tmp_path / "stress.json"
+    assert ddp_stress.main(["--runs", "1", "--json", str(path)]) == 0
+    jobs = json.loads(path.read_text())
+    assert [(j["case"], j["clean"], j["rank_codes"]) for j in jobs] == [
+        ("finished", True, [0, 0]),
+        ("SIGINT", True, [130, 130]),
+        ("SIGTERM", True, [143, 143]),
+    ]
+    assert "finished: 1 of 1 exited cleanly" in capsys.readouterr().out

@@ -179,7 +179,18 @@ def _emulate(config: dict, world_size: int) -> tuple[dict[str, torch.Tensor], li
     Follows `fastvae.train` step by step: model from torch.manual_seed(seed), Adam on the mean loss over
     the global batch, statistics every --log-every steps averaged over the global batch, a test
     evaluation at each epoch end. Returns the final parameters and the metric rows (without timings).
+    It runs on one thread, as the runs it is compared with do (`_env`): a different number of threads sums
+    the matrix products in another order.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _emulate_on_this_thread(config, world_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _emulate_on_this_thread(config: dict, world_size: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
     seed = config["seed"]
     splits = load_dataset("sprites", seed=seed, num_train=config["num_train"], num_test=config["num_test"])
     torch.manual_seed(seed)
@@ -252,12 +263,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, program: tuple[str, ...] = ("-m", "fastvae.train")) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=2 -m fastvae.train ARGS` on the CPU (gloo)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    return subprocess.run(
-        [*launcher, "-m", "fastvae.train", *args], capture_output=True, text=True, timeout=120, env=_env()
-    )
+    return subprocess.run([*launcher, *program, *args], capture_output=True, text=True, timeout=120, env=_env())
 
 
 @pytest.mark.slow
@@ -322,3 +331,31 @@ def test_torchrun_resume_continues_exactly_or_on_another_world_size(tmp_path):
     assert [(r["kind"], r["step"]) for r in single_rows] == [(r["kind"], r["step"]) for r in rows]
     assert single_rows[0] == rows[0]  # written before the stop
     assert all(math.isfinite(r["test_elbo"]) for r in single_rows if r["kind"] == "eval")
+
+
+PROBE = str(Path(__file__).with_name("ddp_shutdown_probe.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["wrap"], 0),
+        (["train", *RUN], 0),
+        (["train", *RUN, "--stop-after", "6"], 0),
+        (["train", *RUN, "--batch-size", "512"], 2),
+    ],
+    ids=["ddp-module", "finished", "stopped", "failed"],
+)
+def test_every_rank_ends_its_process_group_before_it_exits(tmp_path, args, code):
+    """The cause of the SIGABRTs at exit (docs/distributed.md): a process group that outlived
+    destroy_process_group, whose threads then freed tensors while the interpreter shut down. After a bare
+    DDP module, a finished run, a stopped one (an exception through the trainer's frames) and a failed one,
+    no gloo thread may be left on either rank, so that the exit cannot race them. Checked directly, not by
+    repetition."""
+    out = ["--out", str(tmp_path / "run")] if args[0] == "train" else []
+    result = _torchrun(*args, *out, program=(PROBE,))
+    assert result.returncode == (code and 1), result.stdout + result.stderr  # torchrun: 1 if a worker failed
+    for rank in (0, 1):
+        assert f"rank {rank}: exit code {code}, gloo threads left []" in result.stdout, result.stdout + result.stderr
