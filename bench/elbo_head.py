@@ -3,7 +3,7 @@
 Implementations, measured in the same run:
   eager    the pure-PyTorch reference (impl="torch")
   compile  torch.compile of the reference
-  fused    fastvae's Triton custom ops (impl="triton"; on the CPU only under TRITON_INTERPRET=1,
+  fused    fastvae's fused ops (impl="triton"; on the CPU only under TRITON_INTERPRET=1,
            where it is counted but not timed: the interpreter's speed means nothing)
 
 The decoder is left out: `out` (B, D) is a given tensor, and the gradient reaching z is a fixed
@@ -15,10 +15,12 @@ Reported per case:
   GB/s     (CUDA) design bytes of the fused op / time, against a measured device copy bandwidth
   saved    bytes autograd keeps from forward to backward: saved tensors (saved-tensor hooks) and tensors
            held on the graph's nodes (the fused loss's gradient stash), each storage counted once
-  ops      torch ops dispatched per forward+backward step (TorchDispatchMode)
+  ops      torch ops dispatched per forward+backward step (TorchDispatchMode), a fused-kernel launch
+           counting as one op
   moved    bytes read+written by those ops, counting every tensor argument and result once per op
-           (views excluded): a device-independent model of memory traffic. It over-counts the fused
-           loss's in-place rescale, which reads nothing on the device when the upstream gradient is 1
+           (views excluded; a launch counts its tensor arguments): a device-independent model of memory
+           traffic. It over-counts the fused loss's in-place rescale, which reads nothing on the device
+           when the upstream gradient is 1
   peak     (CUDA) peak memory allocated above the inputs
   launches (CUDA) GPU activities (kernels, memsets, copies) per forward+backward step, from torch.profiler
 
@@ -29,11 +31,12 @@ The issue's headline case: python -m bench.elbo_head --batch 4096 --dim 784 --la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -159,21 +162,41 @@ class CountOps(TorchDispatchMode):
         return result
 
 
+@contextlib.contextmanager
+def _launches_counted_as_ops(counter: CountOps) -> Iterator[None]:
+    """Count each fused-kernel launch as one op moving its tensor arguments once, whatever runs it (under
+    the interpreter, the interpreter's own tensor work would otherwise be counted)."""
+    from fastvae.kernels.launch import CachedKernel
+
+    launch = CachedKernel.launch
+
+    def counted(self, grid, args, constexprs, num_warps):
+        counter.ops += 1
+        counter.bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        with torch.utils._python_dispatch._disable_current_modes():
+            launch(self, grid, args, constexprs, num_warps)
+
+    CachedKernel.launch = counted
+    try:
+        yield
+    finally:
+        CachedKernel.launch = launch
+
+
 def count_ops(fn, t) -> tuple[int, int]:
-    with CountOps() as counter:
+    with CountOps() as counter, _launches_counted_as_ops(counter):
         z, loss = fn(t)
         backward(t, z, loss)
     return counter.ops, counter.bytes
 
 
-def cuda_launches(fn, t) -> int:
-    """GPU activities (kernels, memsets, copies) of one forward+backward step, from the profiler."""
+def cuda_launches(step: Callable[[], object]) -> int:
+    """GPU activities (kernels, memsets, copies) of one call of `step`, from the profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        z, loss = fn(t)
-        backward(t, z, loss)
+        step()
         torch.cuda.synchronize()
     return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
 
@@ -255,7 +278,7 @@ def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
         backward(inputs[0], z, loss)
         torch.cuda.synchronize()
         res.peak_extra_bytes = torch.cuda.max_memory_allocated() - base
-        res.launches_per_step = cuda_launches(fn, inputs[0])
+        res.launches_per_step = cuda_launches(lambda: backward(inputs[0], *fn(inputs[0])))
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cuda(fn, inputs)
     elif impl != "fused":
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cpu(fn, t, reps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -66,19 +67,29 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernels_on_cpu() -> bool:
+    """Whether the fused kernels take CPU tensors: under Triton's interpreter (TRITON_INTERPRET=1), or with
+    the compile-only driver of `fastvae.kernels.compile_only` active (it compiles them and launches nothing;
+    for host-time measurements). Imports nothing that is not loaded already."""
+    compile_only = sys.modules.get("fastvae.kernels.compile_only")
+    return interpreter_enabled() or (compile_only is not None and compile_only.active())
+
+
 def resolve_impl(impl: object, **tensors: Tensor) -> str:
     """Pick "triton" or "torch" for these (already validated, same-device) tensors.
 
     "auto": Triton for CUDA tensors of a kernel dtype (fp32, bf16, fp16), the reference otherwise.
     "triton": demands a CUDA device (or TRITON_INTERPRET=1 on the CPU) and kernel dtypes.
     """
-    impl = choice("impl", impl, IMPLS)
     device = next(iter(tensors.values())).device
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors.values())
     if impl == "auto":
         return "triton" if device.type == "cuda" and kernel_dtypes else "torch"
+    if impl == "triton" and kernel_dtypes and (device.type == "cuda" or kernels_on_cpu()):
+        return impl
+    impl = choice("impl", impl, IMPLS)
     if impl == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
+        if device.type != "cuda" and not (device.type == "cpu" and kernels_on_cpu()):
             raise ValueError(
                 f"impl='triton' needs CUDA tensors, got tensors on {device}. Use impl='torch' (or 'auto'), "
                 "or set TRITON_INTERPRET=1 to run the kernels on the CPU under Triton's (slow) interpreter"

@@ -6,21 +6,61 @@ All log-densities and KLs are fp32 (or wider) and in nats; the per-row ones are 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from fastvae import checks
 from fastvae import reference as ref
 
-# Seeds for the in-kernel Philox generator are drawn from torch's generator on the tensors' device.
-_SEED_HIGH = 2**62
+# The in-kernel Philox generator's seeds are drawn from torch's generators, in [2^31, 2^62): always a
+# 64-bit kernel argument, so one compiled variant serves every seed.
+_SEED_LOW, _SEED_HIGH = 2**31, 2**62
 
 
-def _draw_seed(device: torch.device) -> Tensor:
-    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+def _ops():
+    """`fastvae.ops`, imported on first use (it imports triton)."""
+    global _OPS
+    if _OPS is None:
+        import fastvae.ops as ops
+
+        _OPS = ops
+    return _OPS
 
 
-def _check_latent_inputs(mu: object, logvar: object, samples: object) -> int:
+_OPS = None
+
+
+def _draw_seed(device: torch.device) -> int | Tensor:
+    """The Philox seed of one fused sampling call on `device`; `torch.manual_seed` reproduces it.
+
+    Normally an int from the CPU generator: no device work, passed with the launch. While a CUDA graph is
+    being captured on `device`: an int64 (1,) tensor drawn there by the CUDA generator, which torch keeps
+    graph-safe, so that every replay draws a fresh seed, which the kernel reads from memory.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    return int(torch.randint(_SEED_LOW, _SEED_HIGH, ()))
+
+
+def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: object) -> str:
+    """Checks the latent step's arguments; returns the impl to run: "triton" or "torch"."""
+    if (  # the usual case, in one cheap test; anything else gets the detailed checks and their messages
+        isinstance(mu, Tensor)
+        and isinstance(logvar, Tensor)
+        and mu.dim() == 2
+        and logvar.shape == mu.shape
+        and logvar.dtype == mu.dtype
+        and logvar.device == mu.device
+        and mu.dtype in checks.KERNEL_DTYPES
+        and type(samples) is int
+        and samples >= 1
+    ):
+        if impl == "auto" or impl == "torch":
+            return "triton" if impl == "auto" and mu.is_cuda else "torch"
+        if impl == "triton" and (mu.is_cuda or checks.kernels_on_cpu()):
+            return "triton"
     mu = checks.float_tensor("mu", mu)
     logvar = checks.float_tensor("logvar", logvar)
     if mu.dim() != 2:
@@ -30,7 +70,19 @@ def _check_latent_inputs(mu: object, logvar: object, samples: object) -> int:
     checks.same_device(mu=mu, logvar=logvar)
     if logvar.dtype != mu.dtype:
         raise TypeError(f"`logvar` has dtype {logvar.dtype} but `mu` has {mu.dtype}; they must match")
-    return checks.positive_int("samples", samples)
+    checks.positive_int("samples", samples)
+    return checks.resolve_impl(impl, mu=mu, logvar=logvar)
+
+
+def _fused_latent(mu: Tensor, logvar: Tensor, samples: int, log_ratio: bool) -> tuple[Tensor, ...]:
+    """The fused latent step: the custom op when torch.compile traces, the autograd Function otherwise."""
+    if torch.compiler.is_compiling():
+        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64)  # traced: a CPU draw
+        z, kl, lr = _ops().sample_latent_op(mu, logvar, seed, samples)
+        if log_ratio:
+            return z, kl, lr
+        return (z.squeeze(0) if samples == 1 else z), kl
+    return _ops().SampleLatent.apply(mu, logvar, _draw_seed(mu.device), samples, log_ratio)
 
 
 def sample_latent_iw(
@@ -44,11 +96,8 @@ def sample_latent_iw(
     The fused path draws eps in-kernel from a seed taken from torch's generator, so
     `torch.manual_seed` makes it reproducible; its backward regenerates eps instead of storing it.
     """
-    samples = _check_latent_inputs(mu, logvar, samples)
-    if checks.resolve_impl(impl, mu=mu, logvar=logvar) == "triton":
-        from fastvae.ops import sample_latent_op
-
-        return sample_latent_op(mu, logvar, _draw_seed(mu.device), samples)
+    if _check_latent_inputs(mu, logvar, samples, impl) == "triton":
+        return _fused_latent(mu, logvar, samples, True)
     eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
     return ref.latent_reference(mu, logvar, eps)
 
@@ -59,11 +108,49 @@ def sample_latent(mu: Tensor, logvar: Tensor, *, samples: int = 1, impl: str = "
     mu, logvar: (B, K). Returns z, shape (B, K) or (S, B, K) when samples = S > 1, in mu's dtype,
     and kl (B,) fp32 nats (summed over K). impl: "auto" (Triton on CUDA), "triton" or "torch".
     """
-    z, kl, _ = sample_latent_iw(mu, logvar, samples=samples, impl=impl)
+    if _check_latent_inputs(mu, logvar, samples, impl) == "triton":
+        return _fused_latent(mu, logvar, samples, False)
+    eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+    z, kl, _ = ref.latent_reference(mu, logvar, eps)
     return (z.squeeze(0) if samples == 1 else z), kl
 
 
-def _check_likelihood_inputs(x: object, out: object, dist: object, log_scale: object) -> Tensor | float | None:
+def _broadcasts_to(t: Tensor, shape: torch.Size) -> bool:
+    """Whether `t` broadcasts to `shape` without growing it."""
+    pairs = zip(reversed(t.shape), reversed(shape), strict=False)
+    return t.dim() <= len(shape) and all(n == 1 or n == m for n, m in pairs)
+
+
+def _check_likelihood_inputs(
+    x: object, out: object, dist: object, log_scale: object, impl: object
+) -> tuple[Tensor | float | None, str]:
+    """Checks the likelihood's arguments; returns the log-scale (a tensor, a float or None) and the impl to
+    run: "triton" or "torch"."""
+    if (  # the usual cases, in one cheap test; anything else gets the detailed checks and their messages
+        isinstance(x, Tensor)
+        and isinstance(out, Tensor)
+        and x.dim() == 2
+        and 2 <= out.dim() <= 3
+        and out.shape[-2:] == x.shape
+        and x.dtype in checks.KERNEL_DTYPES
+        and out.dtype in checks.KERNEL_DTYPES
+        and out.device == x.device
+        and (dist == "gaussian" or dist == "bernoulli")
+        and (
+            log_scale is None
+            or (
+                dist == "gaussian"
+                and isinstance(log_scale, Tensor)
+                and log_scale.dtype in checks.KERNEL_DTYPES
+                and log_scale.device == out.device
+                and _broadcasts_to(log_scale, out.shape)
+            )
+        )
+    ):
+        if impl == "auto" or impl == "torch":
+            return log_scale, "triton" if impl == "auto" and x.is_cuda else "torch"
+        if impl == "triton" and (x.is_cuda or checks.kernels_on_cpu()):
+            return log_scale, "triton"
     x = checks.float_tensor("x", x)
     out = checks.float_tensor("out", out)
     checks.choice("dist", dist, checks.DISTS)
@@ -74,34 +161,37 @@ def _check_likelihood_inputs(x: object, out: object, dist: object, log_scale: ob
             f"`out` must have shape (B, D) or (S, B, D) matching x {tuple(x.shape)}, got {tuple(out.shape)}"
         )
     checks.same_device(x=x, out=out)
-    if log_scale is None:
-        return None
-    if dist == "bernoulli":
-        raise ValueError("`log_scale` applies to dist='gaussian' only; pass log_scale=None for 'bernoulli'")
-    if not isinstance(log_scale, Tensor):
-        return checks.real_number("log_scale", log_scale)
-    checks.float_tensor("log_scale", log_scale)
-    checks.same_device(out=out, log_scale=log_scale)
-    try:
-        shape = torch.broadcast_shapes(log_scale.shape, out.shape)
-    except RuntimeError:
-        shape = None
-    if shape != out.shape:
-        raise ValueError(
-            f"`log_scale` of shape {tuple(log_scale.shape)} does not broadcast to out's shape {tuple(out.shape)}"
-        )
-    return log_scale
-
-
-def _resolve_likelihood_impl(impl: str, x: Tensor, out: Tensor, log_scale: Tensor | float | None) -> str:
     tensors = {"x": x, "out": out}
-    if isinstance(log_scale, Tensor):
+    if log_scale is not None:
+        if dist == "bernoulli":
+            raise ValueError("`log_scale` applies to dist='gaussian' only; pass log_scale=None for 'bernoulli'")
+        if not isinstance(log_scale, Tensor):
+            return checks.real_number("log_scale", log_scale), checks.resolve_impl(impl, **tensors)
+        checks.float_tensor("log_scale", log_scale)
+        checks.same_device(out=out, log_scale=log_scale)
+        if not _broadcasts_to(log_scale, out.shape):
+            raise ValueError(
+                f"`log_scale` of shape {tuple(log_scale.shape)} does not broadcast to out's shape {tuple(out.shape)}"
+            )
         tensors["log_scale"] = log_scale
-    return checks.resolve_impl(impl, **tensors)
+    return log_scale, checks.resolve_impl(impl, **tensors)
+
+
+def _check_kl_and_beta(x: Tensor, kl: object, beta: object) -> float:
+    """`kl` must be a float (B,) tensor on x's device; returns `beta` as a finite float >= 0."""
+    if not (isinstance(kl, Tensor) and kl.is_floating_point() and kl.dim() == 1 and kl.shape[0] == x.shape[0]):
+        kl = checks.float_tensor("kl", kl)
+        if kl.shape != x.shape[:1]:
+            raise ValueError(f"`kl` must have shape (B,) = {tuple(x.shape[:1])}, got {tuple(kl.shape)}")
+    if kl.device != x.device:
+        checks.same_device(x=x, kl=kl)
+    if type(beta) is float and 0.0 <= beta < math.inf:
+        return beta
+    return checks.finite_non_negative("beta", beta)
 
 
 def _split_log_scale(log_scale: Tensor | float | None) -> tuple[Tensor | None, float]:
-    """The custom ops take a log-scale tensor, or None with a constant (0.0 = unit variance)."""
+    """The fused ops take a log-scale tensor, or None with a constant (0.0 = unit variance)."""
     if isinstance(log_scale, Tensor):
         return log_scale, 0.0
     return None, 0.0 if log_scale is None else float(log_scale)
@@ -118,12 +208,35 @@ def log_likelihood(
     (B, D) or (S, B, D)), which may require grad. x and out may have different float dtypes (autocast).
     Returns (B,) or (S, B).
     """
-    log_scale = _check_likelihood_inputs(x, out, dist, log_scale)
-    if _resolve_likelihood_impl(impl, x, out, log_scale) == "triton":
-        from fastvae.ops import log_likelihood_op
-
-        return log_likelihood_op(x, out, *_split_log_scale(log_scale), dist)
+    log_scale, impl = _check_likelihood_inputs(x, out, dist, log_scale, impl)
+    if impl == "triton":
+        op = _ops().log_likelihood_op if torch.compiler.is_compiling() else _ops().LogLikelihood.apply
+        return op(x, out, *_split_log_scale(log_scale), dist)
     return ref.log_likelihood_reference(x, out, dist, log_scale)
+
+
+def _elbo(
+    x: Tensor,
+    out: Tensor,
+    kl: Tensor,
+    dist: str,
+    log_scale: Tensor | float | None,
+    beta: float,
+    impl: str,
+    with_terms: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """`elbo_terms`; without `with_terms` the terms are None (the fused path computes them anyway)."""
+    log_scale, impl = _check_likelihood_inputs(x, out, dist, log_scale, impl)
+    beta = _check_kl_and_beta(x, kl, beta)
+    if impl != "triton":
+        return ref.elbo_loss_reference(x, out, kl, dist, log_scale, beta, with_terms)
+    ls_tensor, ls_const = _split_log_scale(log_scale)
+    need_dls = ls_tensor is not None and ls_tensor.requires_grad
+    if torch.compiler.is_compiling():
+        loss, state, *_ = _ops().elbo_loss_op(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
+    else:
+        loss, state = _ops().ElboLoss.apply(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
+    return loss, _ops().elbo_terms_of(state) if with_terms else None
 
 
 def elbo_terms(
@@ -136,21 +249,10 @@ def elbo_terms(
     beta: float = 1.0,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """`elbo_loss` plus the detached per-row log p(x|z) (S*B,) fp32 nats it was computed from."""
-    log_scale = _check_likelihood_inputs(x, out, dist, log_scale)
-    kl = checks.float_tensor("kl", kl)
-    if kl.shape != x.shape[:1]:
-        raise ValueError(f"`kl` must have shape (B,) = {tuple(x.shape[:1])}, got {tuple(kl.shape)}")
-    checks.same_device(x=x, kl=kl)
-    beta = checks.finite_non_negative("beta", beta)
-    if _resolve_likelihood_impl(impl, x, out, log_scale) == "triton":
-        from fastvae.ops import elbo_nll_op
-
-        ls_tensor, ls_const = _split_log_scale(log_scale)
-        need_dls = ls_tensor is not None and ls_tensor.requires_grad
-        nll, logp, *_ = elbo_nll_op(x, out, ls_tensor, ls_const, dist, need_dls)
-        return nll + beta * kl.float().mean(), logp.detach()
-    return ref.elbo_loss_reference(x, out, kl, dist, log_scale, beta)
+    """`elbo_loss`, and its terms: a detached (3,) fp32 tensor of batch means in nats per sample,
+    (log p(x|z) - kl, kl, log p(x|z)): the ELBO with beta = 1, the KL and the log-likelihood (the latter
+    also averaged over the S samples). The fused path computes them in the loss's own launches."""
+    return _elbo(x, out, kl, dist, log_scale, beta, impl, with_terms=True)
 
 
 def elbo_loss(
@@ -171,7 +273,7 @@ def elbo_loss(
     The fused path computes log p(x|z) and its gradient in one pass over x and out.
     An empty batch gives NaN, as a mean over no rows does in torch.
     """
-    return elbo_terms(x, out, kl, dist=dist, log_scale=log_scale, beta=beta, impl=impl)[0]
+    return _elbo(x, out, kl, dist, log_scale, beta, impl, with_terms=False)[0]
 
 
 def iwae_bound(log_px_given_z: Tensor, log_ratio: Tensor) -> Tensor:

@@ -365,11 +365,11 @@ class VAE(nn.Module):
         if samples == 1:
             z, kl = sample_latent(mu, logvar, impl=self.impl)
             out = self.decode(z)
-            loss, logp = elbo_terms(
+            loss, terms = elbo_terms(
                 x, out, kl, dist=self.likelihood, log_scale=self._log_scale_arg(), beta=beta, impl=self.impl
             )
-            elbo = (logp.mean() - kl.detach().mean()).detach()
-            return LossOutput(loss, elbo, kl.detach().mean(), logp.mean(), elbo)
+            elbo, kl_mean, log_px = terms.unbind()
+            return LossOutput(loss, elbo, kl_mean, log_px, elbo)
         z, kl, log_ratio = sample_latent_iw(mu, logvar, samples=samples, impl=self.impl)
         logp = self.log_likelihood(x, self.decode(z))  # (S, B)
         loss = -iwae_bound(logp, beta * log_ratio).mean()

@@ -231,7 +231,7 @@ def resolve_impl(fused: bool | None, device: torch.device) -> str:
         return "auto"
     if not fused:
         return "torch"
-    if device.type == "cuda" or (device.type == "cpu" and checks.interpreter_enabled()):
+    if device.type == "cuda" or (device.type == "cpu" and checks.kernels_on_cpu()):
         return "triton"
     raise ConfigError(
         f"--fused needs a CUDA device for the Triton kernels, and the device is {device}. Use --no-fused "

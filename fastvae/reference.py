@@ -93,11 +93,16 @@ def elbo_loss_reference(
     dist: str = "gaussian",
     log_scale: Tensor | float | None = None,
     beta: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Scalar loss mean_{s,b}(-log p(x|z_s)) + beta * mean_b(kl), and the per-row log p (S*B,) detached."""
+    with_terms: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Scalar loss mean_{s,b}(-log p(x|z_s)) + beta * mean_b(kl), and its terms: the detached batch means
+    (log p - kl, kl, log p), a (3,) tensor in log p's dtype (fp32 or wider); None without `with_terms`."""
     logp = log_likelihood_reference(x, out, dist, log_scale)
-    loss = -logp.mean() + beta * kl.to(logp.dtype).mean()
-    return loss, logp.detach().reshape(-1)
+    log_px, kl_mean = logp.mean(), kl.to(logp.dtype).mean()
+    loss = -log_px + beta * kl_mean
+    if not with_terms:
+        return loss, None
+    return loss, torch.stack([log_px - kl_mean, kl_mean, log_px]).detach()
 
 
 def iwae_bound(log_px_given_z: Tensor, log_ratio: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from triton.runtime import driver
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
 
 
-@dataclass
+@dataclass(slots=True)
 class Launch:
     """One recorded launch: the kernel's name, the compiled variant's metadata (hash, num_warps, shared,
     target) and the grid."""
@@ -87,6 +87,11 @@ class CompileOnlyDriver:
             launches.append(Launch(name, metadata, (grid_x, grid_y, grid_z)))
 
         return launch
+
+
+def active() -> bool:
+    """Whether a `CompileOnlyDriver` is Triton's active driver."""
+    return isinstance(driver._active, CompileOnlyDriver)
 
 
 @contextlib.contextmanager

@@ -6,19 +6,22 @@ Backward, one launch: regenerate the same eps from the same seed and counters an
 dmu, dlogvar (B, K). No eps tensor is kept between the two.
 
 The Philox counter of element (s, b, k) is its flat index s*B*K + b*K + k, so the noise does not
-depend on block sizes or on the grid. The seed is a one-element int64 tensor on the device,
-read in-kernel, so a captured CUDA graph draws new noise on each replay without a host sync.
-Arithmetic is fp32 whatever the input dtype; kl and log_ratio are fp32.
+depend on block sizes or on the grid. The seed is an int passed with the launch, or a one-element
+int64 tensor on the device read in-kernel: a captured CUDA graph then draws new noise on each
+replay without a host sync (see `fastvae.functional`). Arithmetic is fp32 whatever the input dtype;
+kl and log_ratio are fp32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, next_power_of_2, num_warps_for
+from .launch import INTERPRET, CachedKernel, cdiv, next_power_of_2, num_warps_for
 
 
 @triton.jit
@@ -34,17 +37,27 @@ def _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER: tl.constexpr):
 
 
 @triton.jit
+def _seed(seed_ptr, seed_value, SEED_IN_MEMORY: tl.constexpr):
+    """The Philox seed: read from device memory (a CUDA graph's replays draw fresh ones) or passed by value."""
+    if SEED_IN_MEMORY:
+        return tl.load(seed_ptr)
+    return seed_value
+
+
+@triton.jit
 def _latent_fwd_kernel(
     mu_ptr, lv_ptr, seed_ptr, z_ptr, kl_ptr, lr_ptr,
     B, K,
     stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr,
+    seed_value,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
+    WRITE_LR: tl.constexpr,
 ):
     # grid: (cdiv(B, BLOCK_B), S). Each program owns BLOCK_B rows of one sample s and loops over K.
     pid_b = tl.program_id(0)
     s = tl.program_id(1)
     sample_row0 = (s * B).to(tl.int64)
-    seed = tl.load(seed_ptr)
+    seed = _seed(seed_ptr, seed_value, SEED_IN_MEMORY)
     rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
     kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -63,9 +76,11 @@ def _latent_fwd_kernel(
         kl_acc += tl.sum(tl.where(mask, std * std + mu * mu - 1.0 - lv, 0.0), axis=1)
         # Halved per element before the sum, as in the reference: with z*z near the fp32 limit
         # (logvar ~ 88) halving after the sum would overflow to -inf where the reference is finite.
-        lr_acc += tl.sum(tl.where(mask, 0.5 * (eps * eps - z * z + lv), 0.0), axis=1)
+        if WRITE_LR:
+            lr_acc += tl.sum(tl.where(mask, 0.5 * (eps * eps - z * z + lv), 0.0), axis=1)
     tl.store(kl_ptr + rows, 0.5 * kl_acc, mask=row_mask & (s == 0))
-    tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
+    if WRITE_LR:
+        tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
 
 
 @triton.jit
@@ -74,14 +89,17 @@ def _latent_bwd_kernel(
     B, K, S,
     stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
     stride_gz_s, stride_gz_b, stride_gz_k, stride_gkl, stride_glr_s, stride_glr_b,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr,
+    seed_value,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
+    HAS_GKL: tl.constexpr, HAS_GLR: tl.constexpr,
 ):
     # grid: (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)). Each program owns one tile and loops over the S samples.
+    # Without HAS_GKL / HAS_GLR the kl / log-ratio outputs were not used: their upstream gradients are 0.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     row_mask = rows < B
     mask = row_mask[:, None] & (cols[None, :] < K)
-    seed = tl.load(seed_ptr)
+    seed = _seed(seed_ptr, seed_value, SEED_IN_MEMORY)
     mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_k, mask=mask, other=0.0)
     lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_k, mask=mask, other=0.0)
     mu = mu.to(tl.float32)
@@ -89,84 +107,107 @@ def _latent_bwd_kernel(
     std = tl.exp(0.5 * lv)
     # d kl / d mu = mu, d kl / d logvar = 0.5 * (exp(logvar) - 1). A zero upstream gradient (an unused
     # output) contributes exactly 0, as in autograd, not 0 * inf = NaN once exp(logvar) overflows.
-    gkl = tl.load(gkl_ptr + rows * stride_gkl, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    dmu = gkl * mu
-    dlv = tl.where(gkl != 0.0, gkl * 0.5 * (std * std - 1.0), 0.0)
+    if HAS_GKL:
+        gkl = tl.load(gkl_ptr + rows * stride_gkl, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        dmu = gkl * mu
+        dlv = tl.where(gkl != 0.0, gkl * 0.5 * (std * std - 1.0), 0.0)
+    else:
+        dmu = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        dlv = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     gz_offs = rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_k
     glr_offs = rows * stride_glr_b
     for s in range(0, S):
         eps = _noise(seed, (s * B).to(tl.int64), rows, cols, K, WIDE_COUNTER)
         z = mu + std * eps
         gz = tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
-        glr = tl.load(glr_ptr + glr_offs, mask=row_mask, other=0.0)
         gz_offs += stride_gz_s
-        glr_offs += stride_glr_s
-        glr = glr.to(tl.float32)[:, None]
         # dz/dmu = 1, dz/dlogvar = 0.5*std*eps; d lr/dz = -z, and lr has a direct 0.5 per logvar.
-        # An unused log-ratio (glr = 0) must not turn an infinite z (logvar > ~177) into NaN.
-        gz_total = gz - tl.where(glr != 0.0, glr * z, 0.0)
-        dmu += gz_total
-        dlv += gz_total * 0.5 * std * eps + 0.5 * glr
+        if HAS_GLR:
+            glr = tl.load(glr_ptr + glr_offs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            glr_offs += stride_glr_s
+            # An unused log-ratio (glr = 0) must not turn an infinite z (logvar > ~177) into NaN.
+            gz = gz - tl.where(glr != 0.0, glr * z, 0.0)
+            dlv += gz * 0.5 * std * eps + 0.5 * glr
+        else:
+            dlv += gz * 0.5 * std * eps
+        dmu += gz
     out_offs = rows[:, None] * K + cols[None, :]
     tl.store(dmu_ptr + out_offs, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
     tl.store(dlv_ptr + out_offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(B: int, K: int) -> tuple[int, int]:
+@functools.cache
+def _blocks(B: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_K, num_warps) for a (B, K) latent."""
     block_k = min(next_power_of_2(K), 128 if not INTERPRET else 1024)
     tile = 4096 if not INTERPRET else 16384
     block_b = max(1, min(next_power_of_2(B), tile // block_k))
-    return block_b, block_k
+    return block_b, block_k, num_warps_for(block_b * block_k)
 
 
 def _wide_counter(samples: int, B: int, K: int) -> bool:
     return samples * B * K >= 2**31
 
 
-def latent_forward(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the forward kernel. mu, logvar: (B, K) any strides; seed: int64 (1,) on the same device.
+_forward = CachedKernel(_latent_fwd_kernel, values=("seed_value",))
+_backward = CachedKernel(_latent_bwd_kernel, values=("seed_value",))
 
-    Returns z (S, B, K) contiguous in mu's dtype, kl (B,) fp32, log_ratio (S, B) fp32.
+
+def latent_forward(
+    mu: Tensor, logvar: Tensor, seed: int | Tensor, samples: int, log_ratio: bool = True, squeeze: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Launch the forward kernel. mu, logvar: (B, K) any strides; seed: an int in [2^31, 2^62), or an int64
+    (1,) tensor on mu's device that the kernel reads.
+
+    Returns z (S, B, K) contiguous in mu's dtype ((B, K) for samples = 1 with `squeeze`), kl (B,) fp32, and
+    log_ratio (S, B) fp32 (None without `log_ratio`: not computed).
     """
     B, K = mu.shape
-    z = torch.empty((samples, B, K), dtype=mu.dtype, device=mu.device)
-    kl = torch.empty((B,), dtype=torch.float32, device=mu.device)
-    lr = torch.empty((samples, B), dtype=torch.float32, device=mu.device)
-    if B == 0:
-        return z, kl, lr
-    if K == 0:
-        return z, kl.zero_(), lr.zero_()
-    block_b, block_k = _blocks(B, K)
-    grid = (triton.cdiv(B, block_b), samples)
-    _latent_fwd_kernel[grid](
-        mu, logvar, seed, z, kl, lr, B, K,
-        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
-        num_warps=num_warps_for(block_b * block_k),
+    dev = mu.device
+    z = torch.empty((B, K) if squeeze and samples == 1 else (samples, B, K), dtype=mu.dtype, device=dev)
+    kl = torch.empty((B,), dtype=torch.float32, device=dev)
+    lr = torch.empty((samples, B), dtype=torch.float32, device=dev) if log_ratio else None
+    if B == 0 or K == 0:
+        return z, kl.zero_(), lr if lr is None else lr.zero_()
+    block_b, block_k, num_warps = _blocks(B, K)
+    in_memory = isinstance(seed, Tensor)
+    _forward.launch(
+        (cdiv(B, block_b), samples),
+        (
+            mu, logvar, seed if in_memory else None, z, kl, lr, B, K, *mu.stride(), *logvar.stride(),
+            0 if in_memory else seed,
+        ),  # fmt: skip
+        (block_b, block_k, _wide_counter(samples, B, K), in_memory, log_ratio),
+        num_warps,
     )
     return z, kl, lr
 
 
 def latent_backward(
-    grad_z: Tensor, grad_kl: Tensor, grad_lr: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor
+    grad_z: Tensor, grad_kl: Tensor | None, grad_lr: Tensor | None, mu: Tensor, logvar: Tensor, seed: int | Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Launch the backward kernel. grad_z: (S, B, K); grad_kl: (B,); grad_lr: (S, B); any strides.
+    """Launch the backward kernel. grad_z: (S, B, K), or (B, K) for one sample; grad_kl: (B,); grad_lr:
+    (S, B); any strides (a broadcast stride of 0 included). None for grad_kl or grad_lr: that output was not
+    used (a zero gradient).
 
     Returns dmu, dlogvar (B, K) contiguous, in mu's and logvar's dtypes.
     """
-    samples, B, K = grad_z.shape
+    samples, B, K = grad_z.shape if grad_z.dim() == 3 else (1, *grad_z.shape)
+    gz_strides = grad_z.stride() if grad_z.dim() == 3 else (0, *grad_z.stride())
     dmu = torch.empty((B, K), dtype=mu.dtype, device=mu.device)
     dlv = torch.empty((B, K), dtype=logvar.dtype, device=logvar.device)
     if B == 0 or K == 0:
         return dmu, dlv
-    block_b, block_k = _blocks(B, K)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(K, block_k))
-    _latent_bwd_kernel[grid](
-        mu, logvar, seed, grad_z, grad_kl, grad_lr, dmu, dlv, B, K, samples,
-        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        grad_z.stride(0), grad_z.stride(1), grad_z.stride(2), grad_kl.stride(0),
-        grad_lr.stride(0), grad_lr.stride(1),
-        BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
-        num_warps=num_warps_for(block_b * block_k),
+    block_b, block_k, num_warps = _blocks(B, K)
+    in_memory = isinstance(seed, Tensor)
+    _backward.launch(
+        (cdiv(B, block_b), cdiv(K, block_k)),
+        (
+            mu, logvar, seed if in_memory else None, grad_z, grad_kl, grad_lr, dmu, dlv, B, K, samples,
+            *mu.stride(), *logvar.stride(), *gz_strides, 0 if grad_kl is None else grad_kl.stride(0),
+            *((0, 0) if grad_lr is None else grad_lr.stride()), 0 if in_memory else seed,
+        ),  # fmt: skip
+        (block_b, block_k, _wide_counter(samples, B, K), in_memory, grad_kl is not None, grad_lr is not None),
+        num_warps,
     )
     return dmu, dlv

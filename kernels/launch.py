@@ -3,11 +3,10 @@ which launches a compiled kernel without Triton's per-launch dispatch."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 from triton import knobs
 from triton.runtime import driver
 
@@ -21,25 +20,22 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (triton.cdiv costs a microsecond of constexpr wrapping per call)."""
+    return -(-a // b)
+
+
 def num_warps_for(tile_elems: int) -> int:
     """Warps for a tile of `tile_elems` fp32 values: ~8 elements per thread, between 1 and 8 warps."""
     return max(1, min(8, tile_elems // 256))
 
 
-def _specialization(args: Sequence[Any]) -> tuple:
-    """What Triton specialises a compiled variant on, per runtime argument: a tensor's dtype and whether its
-    address is 16-byte aligned; an int's width (32, 64 bits or unsigned 64) and whether it is 1 or a
-    multiple of 16; a float's or a bool's type. Equal tuples select the same compiled variant."""
-    key = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() & 15 == 0))
-        elif type(arg) is int:
-            width = 32 if -(2**31) <= arg < 2**31 else 64 if -(2**63) <= arg < 2**63 else 128
-            key.append(1 if arg == 1 else width + (arg & 15 == 0))
-        else:
-            key.append(type(arg))
-    return tuple(key)
+def _value_class(value: Any) -> Any:
+    """What Triton specialises a scalar on, for a value that is not part of the key: an int's width and
+    signedness, whether it is 1 and whether it is a multiple of 16; another value's type."""
+    if type(value) is not int:
+        return type(value)
+    return -(2**31) <= value < 2**31, value >> 63, value == 1, value & 15 == 0
 
 
 class CachedKernel:
@@ -47,20 +43,32 @@ class CachedKernel:
 
     `fn[grid](*args, **constexprs)` binds the arguments, specialises them and looks the variant up by a string
     key at every launch: about 10 us of Python, several times a small kernel's run time. `launch` finds the
-    variant by a tuple of the same specialisation (`_specialization`) and calls its compiled launcher
-    directly; the first launch of a variant goes through Triton, which compiles it. Under TRITON_INTERPRET=1
-    every launch goes through the interpreter.
+    variant in its own cache and calls its compiled launcher directly; the first launch of a variant goes
+    through Triton, which compiles it. Under TRITON_INTERPRET=1 every launch goes through the interpreter.
 
-    The runtime arguments are passed positionally in the kernel's order; the constexprs, which follow them
-    in the kernel's signature, by value in their order.
+    The kernel's parameters come in this order: the pointers (named `*_ptr`; a tensor or None), the ints
+    whose exact values key the cache (sizes and strides), the scalars named in `values` (floats, or ints
+    such as a seed that change at every launch: keyed by what Triton specialises them on), then the
+    `tl.constexpr`s. The key is what determines Triton's own specialisation: per pointer its dtype and
+    whether its address is 16-byte aligned, the ints' values, the values' classes, the constexprs and
+    num_warps, and the device.
     """
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, values: tuple[str, ...] = ()) -> None:
         self.fn = fn
-        names = list(fn.arg_names)
-        constexprs = [names[i] for i in sorted(fn.constexprs)]
-        if names[len(names) - len(constexprs) :] != constexprs:
-            raise TypeError(f"{fn.__name__}: the tl.constexpr parameters must come last")
+        params = inspect.signature(fn.fn).parameters  # `fn` may be a JITFunction or an interpreted one
+        names = list(params)
+        constexprs = [name for name, p in params.items() if "constexpr" in str(p.annotation)]
+        self.n_ptr = sum(name.endswith("_ptr") for name in names)
+        self.n_exact = len(names) - len(constexprs) - len(values)
+        expected = (
+            [n for n in names if n.endswith("_ptr")]
+            + [n for n in names[self.n_ptr : self.n_exact] if not n.endswith("_ptr")]
+            + list(values)
+            + constexprs
+        )
+        if names != expected:
+            raise TypeError(f"{fn.__name__}: parameters must be the pointers, the ints, {values}, the constexprs")
         self.constexpr_names = tuple(constexprs)
         self.variants: dict[tuple, Any] = {}
 
@@ -69,24 +77,32 @@ class CachedKernel:
         if INTERPRET:
             self._through_triton(grid, args, constexprs, num_warps)
             return
-        device = driver.active.get_current_device()
-        key = (device, constexprs, num_warps, _specialization(args))
+        active = driver.active
+        device = active.get_current_device()
+        n_ptr, n_exact = self.n_ptr, self.n_exact
+        key = (
+            device,
+            constexprs,
+            num_warps,
+            tuple([None if t is None else (t.dtype, t.data_ptr() & 15 == 0) for t in args[:n_ptr]]),
+            args[n_ptr:n_exact],
+            tuple([_value_class(v) for v in args[n_exact:]]),
+        )
         kernel = self.variants.get(key)
         if kernel is None:
             self.variants[key] = self._through_triton(grid, args, constexprs, num_warps)
             return
-        stream = driver.active.get_current_stream(device)
-        grid = (*grid, 1, 1)
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        stream = active.get_current_stream(device)
+        runtime = knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if _hooked(enter) or _hooked(leave):  # a profiler's hooks: they are given the launch's metadata
             metadata = kernel.launch_metadata(grid, stream, *args, *constexprs)
         else:
             enter = leave = metadata = None
         kernel.run(
-            grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
-            *args, *constexprs,
+            grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, kernel.function, kernel.packed_metadata, metadata,
+            enter, leave, *args, *constexprs,
         )  # fmt: skip
-
 
     def _through_triton(self, grid: tuple[int, ...], args: tuple, constexprs: tuple, num_warps: int) -> Any:
         """Triton's own launch (compiling the variant if needed); returns the compiled kernel."""

@@ -13,16 +13,22 @@ For each element, with x the data and m = out[s, b, d] the decoder's output:
 Per row the kernel optionally writes log p summed over D (fp32, nats) and, with a per-row weight w_r
 (loaded, or the constant `w_const`), the weighted gradients w_r*d(log p)/dm and w_r*d(log p)/dls.
 The fused loss calls it once with w_r = -1/R, so its forward pass already holds the gradient.
+
+Two small kernels finish the loss: `_elbo_finish_kernel` (forward, one program) reduces the rows'
+log p and the KL to the scalar loss and its terms, in a fixed order (deterministic); `_rescale_kernel`
+(backward) scales the stashed gradient by the upstream gradient, in place, and writes the KL's gradient.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, next_power_of_2, num_warps_for
+from .launch import INTERPRET, CachedKernel, cdiv, next_power_of_2, num_warps_for
 
 GAUSSIAN = 0
 BERNOULLI = 1
@@ -33,8 +39,9 @@ HALF_LOG_2PI = tl.constexpr(0.9189385332046727)  # 0.5 * log(2*pi)
 @triton.jit
 def _loglik_kernel(
     x_ptr, out_ptr, ls_ptr, w_ptr, logp_ptr, dout_ptr, dls_ptr,
-    R, B, D, ls_const, w_const,
+    R, B, D,
     sx_s, sx_b, sx_d, so_s, so_b, so_d, sl_s, sl_b, sl_d, sw,
+    ls_const, w_const,
     DIST: tl.constexpr, HAS_LS_TENSOR: tl.constexpr, HAS_ROW_WEIGHTS: tl.constexpr,
     WRITE_LOGP: tl.constexpr, WRITE_DOUT: tl.constexpr, WRITE_DLS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -84,27 +91,84 @@ def _loglik_kernel(
         tl.store(logp_ptr + rows, acc, mask=row_mask)
 
 
+# The fused loss's state (fp32, (6,)): the stash's two scale slots, the KL's gradient, and the loss's terms.
+SLOTS, DKL, TERMS = 0, 2, 3
+STATE_SIZE = 6
+
+
 @triton.jit
-def _rescale_kernel(a_ptr, n, factor_ptr, BLOCK: tl.constexpr):
-    # a[:n] *= factor, skipped on the device when factor == 1 (the usual loss.backward()).
-    factor = tl.load(factor_ptr).to(tl.float32)
+def _elbo_finish_kernel(
+    logp_ptr, kl_ptr, loss_ptr, state_ptr,
+    R, B, stride_kl,
+    beta,
+    BLOCK: tl.constexpr,
+):
+    # grid: (1,). loss = -mean_r(log p) + beta * mean_b(kl); the terms, state[3:6] = batch means of
+    # (log p - kl, kl, log p) with beta = 1. state[0] = 1: the stash holds the gradient for an upstream
+    # gradient of 1 (see _rescale_kernel).
+    offs = tl.arange(0, BLOCK)
+    logp_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK):
+        logp_acc += tl.load(logp_ptr + r0 + offs, mask=r0 + offs < R, other=0.0)
+    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK):
+        rows = (b0 + offs).to(tl.int64)
+        kl_acc += tl.load(kl_ptr + rows * stride_kl, mask=rows < B, other=0.0).to(tl.float32)
+    log_px = tl.sum(logp_acc, axis=0) / R
+    kl = tl.sum(kl_acc, axis=0) / B
+    tl.store(loss_ptr, beta * kl - log_px)
+    tl.store(state_ptr, 1.0)
+    tl.store(state_ptr + 3, log_px - kl)
+    tl.store(state_ptr + 4, kl)
+    tl.store(state_ptr + 5, log_px)
+
+
+@triton.jit
+def _rescale_kernel(
+    dout_ptr, dls_ptr, grad_ptr, state_ptr,
+    n_dout, n_dls, read_slot,
+    kl_weight,
+    BLOCK: tl.constexpr, HAS_DLS: tl.constexpr,
+):
+    # grid: (cdiv(max(n_dout, n_dls), BLOCK),). The stash was written for the upstream gradient
+    # state[read_slot]; scale it to the upstream gradient g: a *= g / state[read_slot], skipped on the device
+    # when the factor is 1 (the usual loss.backward()). Program 0 records g in the other slot, which no
+    # program reads in this launch (so there is no race), and writes the KL's gradient g * kl_weight.
+    g = tl.load(grad_ptr).to(tl.float32)
+    factor = g / tl.load(state_ptr + read_slot)
     if factor != 1.0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < n
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(a_ptr + offs, (a * factor).to(a_ptr.dtype.element_ty), mask=mask)
+        a = tl.load(dout_ptr + offs, mask=offs < n_dout, other=0.0).to(tl.float32)
+        tl.store(dout_ptr + offs, (a * factor).to(dout_ptr.dtype.element_ty), mask=offs < n_dout)
+        if HAS_DLS:
+            a = tl.load(dls_ptr + offs, mask=offs < n_dls, other=0.0).to(tl.float32)
+            tl.store(dls_ptr + offs, (a * factor).to(dls_ptr.dtype.element_ty), mask=offs < n_dls)
+    if tl.program_id(0) == 0:
+        tl.store(state_ptr + 1 - read_slot, g)
+        tl.store(state_ptr + 2, g * kl_weight)
 
 
-def _blocks(R: int, D: int) -> tuple[int, int]:
+_loglik = CachedKernel(_loglik_kernel, values=("ls_const", "w_const"))
+_finish = CachedKernel(_elbo_finish_kernel, values=("beta",))
+_rescale = CachedKernel(_rescale_kernel, values=("kl_weight",))
+
+
+@functools.cache
+def _blocks(R: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for R rows of D values."""
     block_d = min(next_power_of_2(D), 1024 if not INTERPRET else 8192)
     tile = 4096 if not INTERPRET else 65536
     block_r = max(1, min(next_power_of_2(R), tile // block_d))
-    return block_r, block_d
+    return block_r, block_d, num_warps_for(block_r * block_d)
 
 
-def _strides3(t: Tensor, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Strides of `t` broadcast to (S, B, D): a broadcast dimension gets stride 0."""
-    return tuple(t.expand(shape).stride())
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    """Strides of `t` (up to 3 dims) broadcast to (S, B, D): a missing or size-1 dimension gets stride 0."""
+    shape, stride = t.shape, t.stride()
+    if len(shape) == 2:
+        return 0, 0 if shape[0] == 1 else stride[0], 0 if shape[1] == 1 else stride[1]
+    pad = 3 - len(shape)
+    return tuple(0 if i < pad or shape[i - pad] == 1 else stride[i - pad] for i in range(3))
 
 
 def log_likelihood_launch(
@@ -125,38 +189,66 @@ def log_likelihood_launch(
     x: (B, D); log_scale: None (use the float `log_scale_const`) or a tensor broadcastable to out.
     row_weights: (S*B,)-viewable weights w_r, or None to use `row_weight_const` for every row.
     Returns (logp (S*B,) fp32 nats, dout like out (contiguous, out's dtype), dls like out (contiguous,
-    fp32, to be reduced to the log-scale's shape)); the gradient outputs are empty (0,) unless asked for.
+    fp32, to be reduced to the log-scale's shape)); None for an output not asked for.
     """
     shape = (1, *out.shape) if out.dim() == 2 else tuple(out.shape)
     S, B, D = shape
     R = S * B
     dev = out.device
-    logp = torch.empty((R,) if write_logp else (0,), dtype=torch.float32, device=dev)
-    dout = torch.empty(out.shape if write_dout else (0,), dtype=out.dtype, device=dev)
-    dls = torch.empty(out.shape if write_dls else (0,), dtype=torch.float32, device=dev)
+    logp = torch.empty((R,), dtype=torch.float32, device=dev) if write_logp else None
+    dout = torch.empty(out.shape, dtype=out.dtype, device=dev) if write_dout else None
+    dls = torch.empty(out.shape, dtype=torch.float32, device=dev) if write_dls else None
     if R == 0:
         return logp, dout, dls
     if D == 0:
-        return logp.zero_(), dout, dls
-    block_r, block_d = _blocks(R, D)
-    ls = log_scale if log_scale is not None else out
-    w = row_weights.reshape(-1) if row_weights is not None else logp
-    _loglik_kernel[(triton.cdiv(R, block_r),)](
-        x, out, ls, w, logp, dout, dls,
-        R, B, D, float(log_scale_const), float(row_weight_const),
-        *_strides3(x, shape), *_strides3(out.reshape(shape), shape), *_strides3(ls, shape), w.stride(0),
-        DIST=DISTRIBUTIONS[dist], HAS_LS_TENSOR=log_scale is not None, HAS_ROW_WEIGHTS=row_weights is not None,
-        WRITE_LOGP=write_logp, WRITE_DOUT=write_dout, WRITE_DLS=write_dls,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
+        return logp if logp is None else logp.zero_(), dout, dls
+    block_r, block_d, num_warps = _blocks(R, D)
+    w = row_weights.reshape(-1) if row_weights is not None else None
+    _loglik.launch(
+        (cdiv(R, block_r),),
+        (
+            x, out, log_scale, w, logp, dout, dls, R, B, D,
+            *_strides3(x), *_strides3(out),
+            *(_strides3(log_scale) if log_scale is not None else (0, 0, 0)), 0 if w is None else w.stride(0),
+            float(log_scale_const), float(row_weight_const),
+        ),  # fmt: skip
+        (
+            DISTRIBUTIONS[dist], log_scale is not None, row_weights is not None,
+            write_logp, write_dout, write_dls, block_r, block_d,
+        ),  # fmt: skip
+        num_warps,
     )
     return logp, dout, dls
 
 
-def rescale_(a: Tensor, factor: Tensor) -> None:
-    """In place a *= factor (a contiguous; factor a one-element tensor), a no-op on the device if factor == 1."""
-    n = a.numel()
-    if n == 0:
-        return
-    block = 4096 if not INTERPRET else 1 << 20
-    _rescale_kernel[(triton.cdiv(n, block),)](a, n, factor, BLOCK=block, num_warps=8)
+def elbo_finish(logp: Tensor, kl: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Reduce the rows' log p (R,) fp32 and the KL (B,) to the loss, in one launch of one program.
 
+    Returns loss () fp32 = -mean(log p) + beta * mean(kl), in nats, and the loss's state (STATE_SIZE,) fp32:
+    the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient (written by `rescale_grads`) and
+    at TERMS the batch means of (log p - kl, kl, log p) in nats. An empty batch gives NaN, as a mean over
+    no rows does.
+    """
+    dev = logp.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    state = torch.empty((STATE_SIZE,), dtype=torch.float32, device=dev)
+    block = 1024 if not INTERPRET else 1 << 16
+    _finish.launch((1,), (logp, kl, loss, state, logp.shape[0], kl.shape[0], kl.stride(0), beta), (block,), 4)
+    return loss, state
+
+
+def rescale_grads(
+    dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, kl_weight: float, read_slot: int = 0
+) -> None:
+    """The fused loss's backward, in place and in one launch: scale the stash (dout, dls or None; contiguous)
+    from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
+    state[1 - read_slot], and write the KL's gradient grad * kl_weight to state[DKL].
+    The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
+    n_dout, n_dls = dout.numel(), 0 if dls is None else dls.numel()
+    block = 4096 if not INTERPRET else 1 << 20
+    _rescale.launch(
+        (max(1, cdiv(max(n_dout, n_dls), block)),),
+        (dout, dls, grad, state, n_dout, n_dls, read_slot, kl_weight),
+        (block, dls is not None),
+        8,
+    )

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +84,35 @@ def test_ddp_stress_counts_clean_exits(tmp_path, capsys):
         ("SIGTERM", True, [143, 143]),
     ]
     assert "finished: 1 of 1 exited cleanly" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_host_overhead_counts_the_launches(tmp_path):
+    """The host-overhead benchmark runs end to end (kernels compiled for sm_90a by the compile-only driver,
+    launches no-ops) and counts what docs/design.md claims: the fused head is at most 5 launches per
+    forward+backward, every one a Triton kernel, against tens of ops for the eager reference."""
+    path = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager",
+               "--json", str(path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(path.read_text())
+    rows = {(r["name"], r["impl"]): r for r in data["results"]}
+    assert set(rows) == {("head", "fused"), ("head", "eager"), ("engine", "engine"), ("engine", "bare loop")}
+    fused, eager = rows["head", "fused"], rows["head", "eager"]
+    assert fused["launches"] == fused["triton_launches"] == 5  # fwd: latent, likelihood, loss; bwd: 2
+    assert eager["triton_launches"] == 0 and eager["launches"] > 10 * fused["launches"]
+    assert all(math.isfinite(r["host_us"]) and r["step_us"] > 0 for r in rows.values())
+    assert rows["engine", "engine"]["triton_launches"] == rows["engine", "bare loop"]["triton_launches"] == 5
+    assert data["environment"]["launches"].startswith("compile-only driver (sm_90a)")
+
+
+def test_host_overhead_refuses_the_interpreter(monkeypatch):
+    """Under the interpreter the kernels would run, not compile-and-skip: a clear refusal."""
+    from bench import host_overhead
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        host_overhead.main(["--reps", "1"])
+    assert exit_info.value.code == 2

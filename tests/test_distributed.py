@@ -108,7 +108,7 @@ def test_seed_noise_gives_each_rank_its_own_noise(impl):
     def draw(rank: int) -> torch.Tensor:
         seed_noise(SEED, rank)
         if impl == "triton":
-            return functional._draw_seed(CPU)  # what the fused sampler would seed Philox with
+            return torch.tensor(functional._draw_seed(CPU))  # what the fused sampler would seed Philox with
         return functional.sample_latent(torch.zeros(3, 5), torch.zeros(3, 5), impl="torch")[0]
 
     assert torch.equal(draw(0), draw(0)) and torch.equal(draw(1), draw(1))

@@ -1,21 +1,72 @@
-"""`fastvae::sample_latent`: the fused latent step as a torch custom op with autograd.
+"""The fused latent step with autograd: `SampleLatent` (eager) and the custom op `fastvae::sample_latent`
+(what `torch.compile` traces). Both launch the same kernels (`fastvae.kernels.latent`) and share the
+gradient wiring; see docs/design.md for why there are two entry points.
 
-Forward and backward are each one Triton launch (see `fastvae.kernels.latent`). What autograd
-saves is mu, logvar and the one-element seed; the backward regenerates eps from it.
+Forward and backward are each one launch. What autograd keeps is mu, logvar and the seed; the backward
+regenerates eps from it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from fastvae.kernels.latent import latent_backward, latent_forward
 
+_Grads = tuple[Tensor | None, Tensor | None, None, None]
+
+
+def _seed_value(seed: Tensor) -> int | Tensor:
+    """A custom op's seed tensor as the launcher takes it: a CPU seed by value, a device seed in place."""
+    return int(seed) if seed.device.type == "cpu" else seed
+
+
+def _latent_grads(ctx, grads: tuple[Tensor | None, ...], backward: Callable[..., tuple[Tensor, Tensor]]) -> _Grads:
+    """d(mu, logvar) from the upstream gradients of (z, kl[, log_ratio]); None for an unused output."""
+    grad_z, grad_kl, grad_lr = grads if len(grads) == 3 else (*grads, None)
+    mu, logvar, seed = ctx.saved_tensors if ctx.seed is None else (*ctx.saved_tensors, ctx.seed)
+    if grad_z is None:  # z unused (its KL alone was): no gradient flows through the noise
+        grad_z = torch.zeros((ctx.samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+    dmu, dlogvar = backward(grad_z, grad_kl, grad_lr, mu, logvar, seed)
+    return dmu, dlogvar, None, None
+
+
+# ------------------------------------------------------------------------------------------ eager path
+
+
+class SampleLatent(torch.autograd.Function):
+    """`SampleLatent.apply(mu, logvar, seed, samples, log_ratio)` -> z, kl (B,) fp32, and with `log_ratio`
+    the log-ratio (S, B) fp32. z is (S, B, K), or (B, K) for samples = 1 without `log_ratio`.
+
+    mu, logvar: (B, K); seed: an int (the eager case) or an int64 (1,) device tensor (while a CUDA graph is
+    captured). Launches the kernels directly: no dispatcher round trip.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, logvar: Tensor, seed: int | Tensor, samples: int, log_ratio: bool):
+        # (A forward that takes ctx: with a separate setup_context, every call would bind its arguments
+        # through inspect.signature, some 10 us.)
+        ctx.save_for_backward(mu, logvar)
+        ctx.seed, ctx.samples = seed, samples
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero-filled buffer
+        z, kl, lr = latent_forward(mu, logvar, seed, samples, log_ratio, squeeze=not log_ratio)
+        return (z, kl, lr) if log_ratio else (z, kl)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple:
+        return (*_latent_grads(ctx, grads, latent_backward), None)
+
+
+# ------------------------------------------------------------------------------ the torch.compile path
+
 
 @torch.library.custom_op("fastvae::sample_latent", mutates_args=())
 def sample_latent_op(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, Tensor, Tensor]:
-    """mu, logvar (B, K); seed int64 (1,). Returns z (S, B, K), kl (B,) fp32, log_ratio (S, B) fp32."""
-    return latent_forward(mu, logvar, seed, samples)
+    """mu, logvar (B, K); seed int64 (1,) on the CPU or mu's device. Returns z (S, B, K), kl (B,) fp32,
+    log_ratio (S, B) fp32."""
+    return latent_forward(mu, logvar, _seed_value(seed), samples)
 
 
 @sample_latent_op.register_fake
@@ -30,10 +81,10 @@ def _(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, T
 
 @torch.library.custom_op("fastvae::sample_latent_backward", mutates_args=())
 def sample_latent_backward_op(
-    grad_z: Tensor, grad_kl: Tensor, grad_log_ratio: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor
+    grad_z: Tensor, grad_kl: Tensor | None, grad_log_ratio: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients (S, B, K), (B,), (S, B) of z, kl, log_ratio -> dmu, dlogvar (B, K)."""
-    return latent_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed)
+    """Gradients (S, B, K), (B,) or None, (S, B) or None of z, kl, log_ratio -> dmu, dlogvar (B, K)."""
+    return latent_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, _seed_value(seed))
 
 
 @sample_latent_backward_op.register_fake
@@ -44,14 +95,14 @@ def _(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mu, logvar, seed, _ = inputs
+    mu, logvar, seed, samples = inputs
     ctx.save_for_backward(mu, logvar, seed)
+    ctx.seed, ctx.samples = None, samples
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_z: Tensor, grad_kl: Tensor, grad_log_ratio: Tensor):
-    mu, logvar, seed = ctx.saved_tensors
-    dmu, dlogvar = sample_latent_backward_op(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed)
-    return dmu, dlogvar, None, None
+def _backward(ctx, *grads: Tensor | None) -> _Grads:
+    return _latent_grads(ctx, grads, sample_latent_backward_op)
 
 
 sample_latent_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,19 +1,25 @@
-"""`fastvae::log_likelihood` and `fastvae::elbo_nll`: the fused likelihood step as torch custom ops.
+"""The fused likelihood step with autograd, each op in two entry points that launch the same kernels
+(`fastvae.kernels.likelihood`) and share their gradient wiring: an autograd Function for eager calls and
+a torch custom op for `torch.compile` (docs/design.md says why).
 
-- `log_likelihood` returns per-row log p(x|z). Its backward is a second launch of the same kernel
-  that reads x, out and the per-row upstream gradient and writes d/d out.
-- `elbo_nll` ends in the scalar mean_{s,b} -log p(x|z). Its forward writes the gradient for an
-  upstream gradient of 1 in the same pass (x and out are read once); its backward multiplies that
-  buffer in place by the real upstream gradient, a step the kernel skips on the device when the
-  upstream is 1 (plain `loss.backward()`). See docs/design.md for the bytes each design moves.
+- Per-row log p(x|z): `LogLikelihood` / `fastvae::log_likelihood`. The backward is a second launch of the
+  same kernel that reads x, out and the per-row upstream gradient and writes d/d out.
+- The scalar ELBO loss: `ElboLoss` / `fastvae::elbo_loss`. The forward writes the gradient for an upstream
+  gradient of 1 in the same pass as log p (x and out are read once), then one program reduces the rows and
+  the KL to the loss and its terms. The backward is one launch that scales that stash in place by the real
+  upstream gradient (skipped on the device when it is 1, the plain `loss.backward()`) and writes the KL's
+  gradient. See docs/design.md for the bytes each design moves.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from fastvae.kernels.likelihood import log_likelihood_launch, rescale_
+from fastvae.kernels.likelihood import DKL, STATE_SIZE, TERMS, elbo_finish, log_likelihood_launch, rescale_grads
 
 
 def _data_grad(dist: str, dout: Tensor, out: Tensor, row_weight: Tensor, x: Tensor) -> Tensor:
@@ -37,13 +43,60 @@ def _fake_grads(out: Tensor, log_scale: Tensor | None, need_dls: bool) -> tuple[
 # ---------------------------------------------------------------- per-row log p(x|z)
 
 
+def _log_likelihood(x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str) -> Tensor:
+    logp, _, _ = log_likelihood_launch(x, out, dist, log_scale, log_scale_const)
+    return logp.reshape(out.shape[:-1])
+
+
+def _log_likelihood_backward(
+    grad: Tensor, x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, need_dls: bool
+) -> tuple[Tensor, Tensor]:
+    """grad: upstream gradient of log p, shaped out.shape[:-1]. Returns (d out, d log_scale reduced to
+    log_scale's shape, or None when not needed)."""
+    _, dout, dls = log_likelihood_launch(
+        x, out, dist, log_scale, log_scale_const, row_weights=grad, write_logp=False, write_dout=True,
+        write_dls=need_dls,
+    )  # fmt: skip
+    return dout, (_reduce_log_scale_grad(dls, log_scale) if need_dls else None)
+
+
+def _ll_setup_context(ctx, inputs, output) -> None:
+    x, out, log_scale, log_scale_const, dist = inputs
+    ctx.log_scale_const, ctx.dist = log_scale_const, dist
+    ctx.save_for_backward(x, out, log_scale)
+
+
+def _ll_grads(ctx, grad: Tensor, backward: Callable[..., tuple[Tensor, Tensor]]) -> tuple:
+    x, out, log_scale = ctx.saved_tensors
+    need_dls = log_scale is not None and ctx.needs_input_grad[2]
+    dout, dls = backward(grad, x, out, log_scale, ctx.log_scale_const, ctx.dist, need_dls)
+    dx = _data_grad(ctx.dist, dout, out, grad.unsqueeze(-1), x) if ctx.needs_input_grad[0] else None
+    return dx, dout, (dls if need_dls else None), None, None
+
+
+class LogLikelihood(torch.autograd.Function):
+    """`LogLikelihood.apply(x, out, log_scale, log_scale_const, dist)` -> log p(x|z) (out.shape[:-1]) fp32 nats.
+
+    x (B, D); out (B, D) or (S, B, D); log_scale: a tensor broadcastable to out, or None (then the float
+    `log_scale_const` is used). Eager path: launches the kernels directly.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str) -> Tensor:
+        _ll_setup_context(ctx, (x, out, log_scale, log_scale_const, dist), None)
+        return _log_likelihood(x, out, log_scale, log_scale_const, dist)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        return _ll_grads(ctx, grad, _log_likelihood_backward)
+
+
 @torch.library.custom_op("fastvae::log_likelihood", mutates_args=())
 def log_likelihood_op(
     x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str
 ) -> Tensor:
     """x (B, D); out (B, D) or (S, B, D); returns log p(x|z) of shape out.shape[:-1], fp32 nats."""
-    logp, _, _ = log_likelihood_launch(x, out, dist, log_scale, log_scale_const)
-    return logp.reshape(out.shape[:-1])
+    return _log_likelihood(x, out, log_scale, log_scale_const, dist)
 
 
 @log_likelihood_op.register_fake
@@ -56,15 +109,9 @@ def log_likelihood_backward_op(
     grad: Tensor, x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str,
     need_dls: bool,
 ) -> tuple[Tensor, Tensor]:
-    """grad: upstream gradient of log p, shaped out.shape[:-1]. Returns (d out, d log_scale reduced to
-    log_scale's shape, or an empty tensor when not needed)."""
-    _, dout, dls = log_likelihood_launch(
-        x, out, dist, log_scale, log_scale_const, row_weights=grad, write_logp=False, write_dout=True,
-        write_dls=need_dls,
-    )
-    if need_dls:
-        dls = _reduce_log_scale_grad(dls, log_scale)
-    return dout, dls
+    """`_log_likelihood_backward` as a custom op (an empty d log_scale when not needed)."""
+    dout, dls = _log_likelihood_backward(grad, x, out, log_scale, log_scale_const, dist, need_dls)
+    return dout, dout.new_empty((0,)) if dls is None else dls
 
 
 @log_likelihood_backward_op.register_fake
@@ -72,96 +119,137 @@ def _(grad, x, out, log_scale, log_scale_const, dist, need_dls):
     return _fake_grads(out, log_scale, need_dls)
 
 
-def _ll_setup_context(ctx, inputs, output) -> None:
-    x, out, log_scale, log_scale_const, dist = inputs
-    ctx.log_scale_const, ctx.dist = log_scale_const, dist
-    ctx.save_for_backward(x, out, log_scale)
-
-
-def _ll_backward(ctx, grad: Tensor):
-    x, out, log_scale = ctx.saved_tensors
-    need_dls = log_scale is not None and ctx.needs_input_grad[2]
-    dout, dls = log_likelihood_backward_op(grad, x, out, log_scale, ctx.log_scale_const, ctx.dist, need_dls)
-    dx = _data_grad(ctx.dist, dout, out, grad.unsqueeze(-1), x) if ctx.needs_input_grad[0] else None
-    return dx, dout, (dls if need_dls else None), None, None
-
-
-log_likelihood_op.register_autograd(_ll_backward, setup_context=_ll_setup_context)
+log_likelihood_op.register_autograd(
+    lambda ctx, grad: _ll_grads(ctx, grad, log_likelihood_backward_op), setup_context=_ll_setup_context
+)
 
 
 # ---------------------------------------------------------------- scalar loss, gradient in the forward
 
 
-@torch.library.custom_op("fastvae::elbo_nll", mutates_args=())
-def elbo_nll_op(
-    x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, need_dls: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Scalar mean over the S*B rows of -log p(x|z) (fp32 nats) in one pass.
+def _elbo_loss(
+    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, beta: float,
+    need_dls: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Two launches: log p and its gradient (the stash), then the reduction to the loss.
 
-    Returns (nll, logp rows (S*B,) fp32, d nll/d out, d nll/d log_scale or empty, applied scale (1,)).
-    The last three are the stashed gradient for autograd, not for callers.
+    Returns (loss () fp32 = mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats; the loss's
+    state (STATE_SIZE,) fp32, whose TERMS are the batch means of (log p - kl, kl, log p) in nats; d loss/d out
+    for an upstream gradient of 1; d loss/d log_scale, or None).
     """
     rows = out.shape[:-1].numel()
     logp, dout, dls = log_likelihood_launch(
         x, out, dist, log_scale, log_scale_const, row_weight_const=-1.0 / max(rows, 1),
         write_logp=True, write_dout=True, write_dls=need_dls,
-    )
+    )  # fmt: skip
     if need_dls:
         dls = _reduce_log_scale_grad(dls, log_scale)
-    applied = torch.ones((1,), dtype=torch.float32, device=out.device)
-    return -logp.mean(), logp, dout, dls, applied
+    loss, state = elbo_finish(logp, kl, beta)
+    return loss, state, dout, dls
 
 
-@elbo_nll_op.register_fake
-def _(x, out, log_scale, log_scale_const, dist, need_dls):
-    dout, dls = _fake_grads(out, log_scale, need_dls)
-    rows = out.shape[:-1].numel()
-    f32 = torch.float32
-    return out.new_empty((), dtype=f32), out.new_empty((rows,), dtype=f32), dout, dls, out.new_empty((1,), dtype=f32)
-
-
-@torch.library.custom_op("fastvae::rescale_grads_", mutates_args=("dout", "dls", "applied"))
-def rescale_grads_op(dout: Tensor, dls: Tensor, applied: Tensor, grad: Tensor) -> None:
-    """Bring the stashed gradients from the scale `applied` to the upstream `grad`, in place.
-
-    Tracking the applied scale keeps a second backward (retain_graph=True) correct.
-    """
-    target = grad.reshape(1).to(torch.float32)
-    factor = target / applied
-    rescale_(dout, factor)
-    rescale_(dls, factor)
-    applied.copy_(target)
-
-
-@rescale_grads_op.register_fake
-def _(dout, dls, applied, grad) -> None:
-    return None
-
-
-def _elbo_setup_context(ctx, inputs, output) -> None:
-    x, out, log_scale, _, dist, need_dls = inputs
-    _, _, dout, dls, applied = output
-    ctx.dist, ctx.need_dls, ctx.rows = dist, need_dls, max(out.shape[:-1].numel(), 1)
-    # The stash is rescaled in place by each backward, so it is held on ctx rather than saved with
-    # save_for_backward (whose version check would refuse a second backward under retain_graph).
-    # Being non-differentiable outputs, they hold no reference back to this node.
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient buffers for the stash outputs
-    ctx.stash = (dout, dls, applied)
+def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, beta: float, stash: tuple) -> None:
+    """The backward's context. The stash (dout, dls or None, state) is rescaled in place by each backward, so
+    it is held on ctx rather than saved with save_for_backward (whose version check would refuse a second
+    backward under retain_graph)."""
+    batch = kl.shape[0]
+    ctx.dist, ctx.rows, ctx.batch, ctx.kl_dtype = dist, max(out.shape[:-1].numel(), 1), batch, kl.dtype
+    ctx.kl_weight = beta / max(batch, 1)
+    ctx.stash = stash
+    ctx.set_materialize_grads(False)  # no gradient buffers for the outputs that carry none
     # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits).
     ctx.save_for_backward(out if x.requires_grad else None, x if x.requires_grad else None)
 
 
-def _elbo_backward(ctx, grad_nll: Tensor | None, *unused: Tensor | None):
-    if grad_nll is None:
-        return None, None, None, None, None, None
-    dout, dls, applied = ctx.stash
-    out, x = ctx.saved_tensors
-    rescale_grads_op(dout, dls, applied, grad_nll)
+def _elbo_grads(ctx, grad: Tensor | None, rescale: Callable[..., None]) -> tuple:
+    """Gradients of (x, out, kl, log_scale) and Nones for the rest: `rescale(dout, dls, grad, state,
+    kl_weight)` brings the stash to `grad` in place and writes the KL's gradient to state[DKL]."""
+    if grad is None:
+        return (None,) * 8
+    dout, dls, state = ctx.stash
+    needs = ctx.needs_input_grad
+    rescale(dout, dls, grad, state, ctx.kl_weight)
+    dkl = None
+    if needs[2]:  # the same value for every row: a broadcast view of state[DKL]
+        dkl = state.as_strided((ctx.batch,), (0,), DKL)
+        dkl = dkl if ctx.kl_dtype == torch.float32 else dkl.to(ctx.kl_dtype)
     dx = None
-    if ctx.needs_input_grad[0]:
-        dx = _data_grad(ctx.dist, dout, out, -grad_nll.float() / ctx.rows, x)
-    return dx, dout, (dls if ctx.need_dls else None), None, None, None
+    if needs[0]:
+        out, x = ctx.saved_tensors
+        dx = _data_grad(ctx.dist, dout, out, -grad.float() / ctx.rows, x)
+    return dx, dout, dkl, (dls if needs[3] else None), None, None, None, None
 
 
-elbo_nll_op.register_autograd(_elbo_backward, setup_context=_elbo_setup_context)
+class ElboLoss(torch.autograd.Function):
+    """`ElboLoss.apply(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)` -> (loss, state).
+
+    loss: () fp32, the mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats per sample; state:
+    the loss's detached state, whose `state[TERMS:]` are the batch means of (log p - kl, kl, log p) (the ELBO
+    with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or (S, B, D); kl (B,); log_scale as in
+    `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager path: two launches forward and one
+    backward, no dispatcher round trip.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out, kl, log_scale, log_scale_const, dist, beta, need_dls) -> tuple[Tensor, Tensor]:
+        loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
+        _elbo_setup(ctx, x, out, kl, dist, beta, (dout, dls, state))
+        ctx.mark_non_differentiable(state)
+        ctx.backwards = 0  # which scale slot the next backward reads (see kernels/likelihood.py)
+        return loss, state
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, _state: None) -> tuple:
+        return _elbo_grads(ctx, grad, functools.partial(_rescale_alternating, ctx))
+
+
+def _rescale_alternating(ctx, dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, kl_weight: float) -> None:
+    """`rescale_grads` reading the slot that the previous backward (or the forward) wrote."""
+    read_slot, ctx.backwards = ctx.backwards % 2, ctx.backwards + 1
+    rescale_grads(dout, dls, grad, state, kl_weight, read_slot)
+
+
+def elbo_terms_of(state: Tensor) -> Tensor:
+    """The loss's terms, (3,) fp32 nats: a view of its state."""
+    return state[TERMS:]
+
+
+@torch.library.custom_op("fastvae::elbo_loss", mutates_args=())
+def elbo_loss_op(
+    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, beta: float,
+    need_dls: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_elbo_loss` as a custom op: (loss, state, and the stash for autograd: dout, dls or an empty tensor)."""
+    loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
+    return loss, state, dout, dout.new_empty((0,)) if dls is None else dls
+
+
+@elbo_loss_op.register_fake
+def _(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls):
+    dout, dls = _fake_grads(out, log_scale, need_dls)
+    f32 = torch.float32
+    return out.new_empty((), dtype=f32), out.new_empty((STATE_SIZE,), dtype=f32), dout, dls
+
+
+@torch.library.custom_op("fastvae::elbo_rescale_", mutates_args=("dout", "dls", "state"))
+def elbo_rescale_op(dout: Tensor, dls: Tensor, grad: Tensor, state: Tensor, kl_weight: float) -> None:
+    """`rescale_grads` for a traced backward, which cannot alternate the scale slots: it reads slot 0 and
+    then records `grad` there (one more launch than the eager path)."""
+    rescale_grads(dout, dls if dls.numel() else None, grad, state, kl_weight)
+    state[:1].copy_(grad.reshape(1))
+
+
+@elbo_rescale_op.register_fake
+def _(dout, dls, grad, state, kl_weight) -> None:
+    return None
+
+
+def _elbo_op_setup(ctx, inputs, output) -> None:
+    x, out, kl, _, _, dist, beta, _ = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    _elbo_setup(ctx, x, out, kl, dist, beta, (output[2], output[3], output[1]))
+
+
+elbo_loss_op.register_autograd(
+    lambda ctx, grad, *unused: _elbo_grads(ctx, grad, elbo_rescale_op), setup_context=_elbo_op_setup
+)

@@ -1,0 +1,288 @@
+"""Host time and launches of the ELBO head and of one training step: the Python, dispatch and launch work
+around the kernels, which is what a launch-bound step costs on a GPU.
+
+Measured in one run, on one thread, at tiny shapes (the compute is about zero), as the CPU time of the
+thread that runs the step (median over --reps steps):
+
+  head     sample_latent + elbo_loss, forward and backward, for
+             fused    impl="triton". Without CUDA the kernels are compiled for an H100 (sm_90a) by the
+                      compile-only driver (fastvae/kernels/compile_only.py) and each launch is a no-op, so
+                      what is timed is all the host work up to the driver's launch call; on CUDA, real launches
+             eager    impl="torch", the PyTorch reference
+             compile  torch.compile of the reference head
+           host us: a minimal step (leaves mu, logvar (B, K) and W (K, D): z, kl = head; out = z @ W; loss;
+           backward) minus the same step without the head (out = mu @ W; loss = out.sum(); backward).
+           launches: the head's forward and backward alone (leaves mu, logvar, out; autograd.grad of loss and z,
+           with both upstream gradients given), so that every launch counted is the head's.
+  engine   one step of fastvae's training engine (`Trainer.train_step`: the step, the non-finite guard's
+           device-side sums, Adam) against a bare eager loop (model.loss, zero_grad, backward, Adam) on a
+           tiny MLP VAE with the fused ops.
+
+Launches: on CUDA, the GPU activities (kernels, copies, memsets) the profiler sees. Without CUDA, the Triton
+launches the compile-only driver records plus the torch ops that would each launch a kernel (every op the
+dispatcher sees but views, detach and allocations); the fused sampler's seed, drawn from the CPU generator,
+is host work and is not counted. torch.compile's kernels cannot be counted without CUDA ("-").
+
+Usage:  python -m bench.host_overhead [--reps 2000] [--impls fused eager compile] [--json PATH]
+It must run with TRITON_INTERPRET unset: the interpreter would run the kernels instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastvae
+from bench.elbo_head import cuda_launches
+from bench.environment import environment
+from fastvae import functional
+from fastvae.data import DataSplits, DeviceBatches
+from fastvae.engine import Trainer, synchronize
+from fastvae.options import build_model, build_parser, make_config
+
+IMPLS = ("fused", "eager", "compile")
+B, K, D = 8, 4, 16  # tiny: the compute is about zero
+_NO_LAUNCH = {
+    torch.ops.aten.detach.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten.lift_fresh.default,
+}
+
+
+@dataclass
+class Result:
+    name: str  # "head" or "engine"
+    impl: str  # fused / eager / compile, or engine / bare loop
+    host_us: float  # median host time per step (the head: the step minus the step without it)
+    step_us: float  # median host time of the whole step
+    baseline_us: float | None  # the step without the head (head rows only)
+    launches: int | None  # device launches per step (None: not countable here)
+    triton_launches: int | None
+
+
+# ------------------------------------------------------------------------------------------- counting
+
+
+class _CountLaunches(TorchDispatchMode):
+    """Counts the dispatched ops that would each launch a kernel on a GPU (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func in _NO_LAUNCH):
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _seed_draws_uncounted() -> Iterator[None]:
+    """The fused sampler's seed comes from the CPU generator: host work even on a GPU, so not a launch."""
+    draw = functional._draw_seed
+
+    def uncounted(device: torch.device) -> int | torch.Tensor:
+        with torch.utils._python_dispatch._disable_current_modes():
+            return draw(device)
+
+    functional._draw_seed = uncounted
+    try:
+        yield
+    finally:
+        functional._draw_seed = draw
+
+
+def count_launches(step: Callable[[], object], device: torch.device, driver) -> tuple[int | None, int | None]:
+    """(launches, Triton launches) of one call of `step`: the profiler's on CUDA, counted without it."""
+    if device.type == "cuda":
+        return cuda_launches(step), None
+    recorded = len(driver.launches)
+    with _seed_draws_uncounted(), _CountLaunches() as counter:
+        step()
+    triton_launches = len(driver.launches) - recorded
+    return counter.ops + triton_launches, triton_launches
+
+
+def median_us(step: Callable[[], object], device: torch.device, reps: int, warmup: int = 20) -> float:
+    """Median host microseconds of `step`: the CPU time of this thread (so another process on the machine
+    does not inflate it), each step started from an idle device (so no launch waits on a full queue)."""
+    times = []
+    for i in range(warmup + reps):
+        synchronize(device)
+        start = time.thread_time()
+        step()
+        if i >= warmup:
+            times.append(time.thread_time() - start)
+    return statistics.median(times) * 1e6
+
+
+# ---------------------------------------------------------------------------------------------- head
+
+
+def _leaves(device: torch.device, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=g).to(device).requires_grad_(True) for shape in shapes]
+
+
+def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head."""
+    ops_impl = "triton" if impl == "fused" else "torch"
+
+    def head(mu, logvar, decode, x):
+        z, kl = fastvae.sample_latent(mu, logvar, impl=ops_impl)
+        return z, fastvae.elbo_loss(x, decode(z), kl, dist="bernoulli", impl=ops_impl)
+
+    if impl == "compile":
+        torch._dynamo.reset()
+        return torch.compile(head)
+    return head
+
+
+@dataclass
+class HeadSteps:
+    """The steps `measure_head` times and counts, on one set of tiny inputs."""
+
+    step: Callable[[], None]  # the minimal step with the head
+    without_head: Callable[[], None]  # the same step without it
+    head_alone: Callable[[], None]  # the head's forward and backward, nothing else
+
+
+def head_steps(impl: str, device: torch.device) -> HeadSteps:
+    mu, logvar, weight = _leaves(device, (B, K), (B, K), (K, D))
+    x = torch.rand(B, D, generator=torch.Generator().manual_seed(1)).round().to(device)
+    head = head_fn(impl)
+
+    def step():
+        _, loss = head(mu, logvar, lambda z: z @ weight, x)
+        loss.backward()
+        mu.grad = logvar.grad = weight.grad = None
+
+    def without_head():
+        (mu @ weight).sum().backward()
+        mu.grad = weight.grad = None
+
+    out, grad_z = _leaves(device, (B, D), (B, K))
+    one = torch.ones((), device=device)
+
+    def head_alone():
+        z, loss = head(mu, logvar, lambda _: out, x)
+        torch.autograd.grad([loss, z], [mu, logvar, out], [one, grad_z.detach()])
+
+    return HeadSteps(step, without_head, head_alone)
+
+
+def measure_head(impl: str, device: torch.device, reps: int, driver) -> Result:
+    steps = head_steps(impl, device)
+    step_us, baseline_us = median_us(steps.step, device, reps), median_us(steps.without_head, device, reps)
+    launches, triton_launches = (None, None)
+    if impl != "compile" or device.type == "cuda":
+        steps.head_alone()  # warm
+        launches, triton_launches = count_launches(steps.head_alone, device, driver)
+    return Result("head", impl, step_us - baseline_us, step_us, baseline_us, launches, triton_launches)
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+def tiny_trainer(device: torch.device) -> Trainer:
+    """The engine as `python -m fastvae.train --fused` builds it, on a tiny MLP VAE (D=16, 8 hidden, K=4)."""
+    data = torch.randint(0, 256, (64, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    splits = DataSplits(data, data[:16], "tiny")
+    argv = ["--fused", "--likelihood", "bernoulli", "--hidden", "8", "--latent-dim", str(K), "--batch-size", str(B)]
+    config = make_config(build_parser().parse_args(argv), device, splits)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    batches = DeviceBatches(splits.train, B, device=device, seed=0)
+    return Trainer(config, model, batches, batches, io.StringIO(), device)
+
+
+def measure_engine(device: torch.device, reps: int, driver) -> list[Result]:
+    trainer = tiny_trainer(device)
+    x = next(iter(trainer.train.epoch(0)))
+    model, optimizer = trainer.model, trainer.optimizer
+
+    def bare_step():
+        out = model.loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    results = []
+    for impl, step in (("engine", lambda: trainer.train_step(x)), ("bare loop", bare_step)):
+        step()
+        us = median_us(step, device, reps)
+        launches, triton_launches = count_launches(step, device, driver)
+        results.append(Result("engine", impl, us, us, None, launches, triton_launches))
+    trainer.running.read()  # (the engine's sums of the timed steps; read as the engine would)
+    return results
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def render(results: list[Result], env: dict[str, str]) -> Table:
+    table = Table(title=f"Host overhead on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+                  f"commit {env['commit']})")  # fmt: skip
+    for column in ("step", "impl", "host us", "vs fused", "launches", "Triton launches", "step us", "without us"):
+        table.add_column(column, justify="right")
+    fused = {r.name: r for r in results if r.impl in ("fused", "engine")}
+    for r in results:
+        ref = fused.get(r.name)
+        ratio = f"{r.host_us / ref.host_us:.1f}x" if ref and r is not ref and ref.host_us > 0 else "-"
+        table.add_row(
+            r.name, r.impl, f"{r.host_us:.1f}", ratio, "-" if r.launches is None else str(r.launches),
+            "-" if r.triton_launches is None else str(r.triton_launches), f"{r.step_us:.1f}",
+            "-" if r.baseline_us is None else f"{r.baseline_us:.1f}",
+        )  # fmt: skip
+    return table
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=2000, help="timed steps per measurement (median)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="head implementations")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine step")
+    p.add_argument("--json", default=None, help="write results and environment here")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("this measures compiled kernels' launches, not the interpreter: run it with TRITON_INTERPRET unset")
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if cuda else "cpu")
+    env = environment(device)
+    if not cuda:
+        env["launches"] = "compile-only driver (sm_90a): no-op launches"
+    from fastvae.kernels.compile_only import compile_only
+
+    with contextlib.nullcontext(None) if cuda else compile_only() as driver:
+        results = [measure_head(impl, device, args.reps, driver) for impl in args.impls]
+        if not args.no_engine:
+            results += measure_engine(device, args.reps, driver)
+    Console(width=max(Console().width, 120)).print(render(results, env))
+    if args.json:
+        settings = {"reps": args.reps, "B": B, "K": K, "D": D, "threads": 1, "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "host_overhead", "environment": env, "settings": settings,
+                       "results": [asdict(r) for r in results]}, f, indent=2)  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()
