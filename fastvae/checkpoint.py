@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 FORMAT = "fastvae-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED = {
     "model": dict,
     "optimizer": dict,

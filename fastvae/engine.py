@@ -1,9 +1,9 @@
 """The training engine: the steps, the device-side statistics, the test evaluation and the checkpoints.
 
-`Trainer` runs the hot loop on data that live on the device. Every step adds its statistics and its
-gradient norm to device-side sums (`RunningMeans`), read (one host synchronisation) every `--log-every`
-steps; a non-finite sum raises NonFiniteError, and `Trainer.diagnose` names the first bad step. All
-statistics are in nats per sample.
+`Trainer` runs the hot loop on data that live on the device. Every step adds its statistics to device-side
+sums (`RunningMeans`), read (one host synchronisation) every `--log-every` steps together with a check of
+the parameters; a non-finite sum or parameter raises NonFiniteError, and `Trainer.diagnose` names the
+first bad step. All statistics are in nats per sample.
 """
 
 from __future__ import annotations
@@ -47,29 +47,33 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 
 class RunningMeans:
-    """Device-side sums of the `LossOutput` statistics and of the gradient norm; `read` is the only host
-    synchronisation. A non-finite value stays in its sum (inf and NaN are sticky) until the next `read`,
-    which is how the non-finite guard sees a bad loss or gradient without a per-step sync.
+    """Device-side sums of the `LossOutput` statistics; `read` is the only host synchronisation. A non-finite
+    value stays in its sum (inf and NaN are sticky) until the next `read`, which is how the non-finite guard
+    sees a bad loss without a per-step sync; `read` also checks the parameters, which a non-finite gradient
+    makes non-finite in the optimizer step that applies it.
     Under torchrun `read` averages over the ranks too and `finite` looks at every rank (collectives: every
     rank calls them at the same step), so the statistics cover the global batch; `sums` are this rank's."""
 
     def __init__(self, device: torch.device, ctx: DistributedContext | None = None) -> None:
-        self.sums = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
         self.count = 0
         self.ctx = ctx or DistributedContext()
 
-    def add(self, out: LossOutput, grad_norm: torch.Tensor | None = None) -> None:
-        norm = out.loss.new_zeros(()) if grad_norm is None else grad_norm
-        self.sums += torch.stack([out.loss.detach(), out.elbo, out.kl, out.log_px, out.iwae, norm]).double()
+    def add(self, out: LossOutput) -> None:
+        """Two launches: the step's statistics, stacked, added to the float64 sums."""
+        self.sums.add_(torch.stack([out.loss.detach(), out.elbo, out.kl, out.log_px, out.iwae]))
         self.count += 1
 
-    def read(self) -> dict[str, float]:
-        """The means since the previous read, by STATS name, and "grad_norm" (of the summed gradient norms)."""
-        total = self.ctx.all_reduce_sum(self.sums.clone())
-        means = (total / (self.count * self.ctx.world_size)).tolist()
+    @torch.no_grad()
+    def read(self, params: list[torch.Tensor]) -> dict[str, float]:
+        """The means since the previous read, by STATS name, and "param_norm": the summed norms of `params`,
+        non-finite if any of them is. One host synchronisation."""
+        total = self.ctx.all_reduce_sum(self.sums.clone()) / (self.count * self.ctx.world_size)
+        norm = torch.stack(torch._foreach_norm(params)).sum().reshape(1) if params else total.new_zeros(1)
+        means = torch.cat([total, norm.to(total.dtype)]).tolist()
         self.sums.zero_()
         self.count = 0
-        return dict(zip((*STATS, "grad_norm"), means, strict=True))
+        return dict(zip((*STATS, "param_norm"), means, strict=True))
 
     def finite(self) -> bool:
         """No non-finite value since the previous read (a host sync)."""
@@ -131,8 +135,6 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.config["lr"], fused=self.device.type == "cuda"
         )
-        # Under torchrun: DistributedDataParallel, which averages the gradients over the ranks in backward.
-        self.loss_module = self.ctx.wrap(LossForward(self.model), self.device)
         self.loss_step = self._make_loss_step()
         self.running = RunningMeans(self.device, self.ctx)
         self.metrics_rows = 0  # lines written to metrics.jsonl (kept in the checkpoint)
@@ -144,11 +146,21 @@ class Trainer:
         self._window_samples = 0
 
     def _make_loss_step(self) -> Callable[[torch.Tensor, float], LossOutput]:
-        iw_samples, amp = self.config["iw_samples"], self.config["amp"]
+        """The step's forward: `model.loss` itself, or under torchrun the DistributedDataParallel-wrapped
+        loss (which averages the gradients over the ranks in backward); in bf16 autocast with --amp bf16;
+        compiled with --compile."""
+        iw_samples, amp, model = self.config["iw_samples"], self.config["amp"], self.model
+        if self.ctx.is_distributed:
+            module = self.ctx.wrap(LossForward(model), self.device)
+            forward = lambda x, beta: module(x, beta, iw_samples)  # noqa: E731
+        else:
+            forward = lambda x, beta: model.loss(x, beta=beta, iw_samples=iw_samples)  # noqa: E731
+        if amp == "off" and not self.config["compile"]:
+            return forward
 
         def loss_step(x: torch.Tensor, beta: float) -> LossOutput:
             with autocast(self.device, amp):
-                return self.loss_module(x, beta, iw_samples)
+                return forward(x, beta)
 
         return torch.compile(loss_step) if self.config["compile"] else loss_step
 
@@ -161,11 +173,8 @@ class Trainer:
         out = self.loss_step(x, self.beta())
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        # The non-finite guard, on the device: the per-tensor gradient norms, summed into `running`.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
         self.optimizer.step()
-        self.running.add(out, grad_norm)
+        self.running.add(out)  # the non-finite guard, on the device (see RunningMeans)
         self.step += 1
         self._window_samples += len(x) * self.ctx.world_size  # the global batch (the ranks' parts are equal)
 
@@ -183,10 +192,10 @@ class Trainer:
         if self.running.count == 0:
             return
         synchronize(self.device)
-        means = self.running.read()
+        means = self.running.read(list(self.model.parameters()))
         if not all(math.isfinite(v) for v in means.values()):
             raise NonFiniteError
-        del means["grad_norm"]
+        del means["param_norm"]
         now = time.perf_counter()
         seconds = now - self._window_start
         self.train_seconds += seconds
