@@ -63,6 +63,19 @@ def finite_non_negative(name: str, value: object) -> float:
     return number
 
 
+def weight_tensor(name: str, t: Tensor, device: torch.device) -> Tensor:
+    """A weight given as a tensor: one element, floating point, on `device`, needing no gradient."""
+    if t.numel() != 1 or not t.is_floating_point():
+        raise TypeError(
+            f"`{name}` given as a tensor must have one floating-point element, got {t.dtype} {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"`{name}` is on {t.device} but the data are on {device}; move it to the same device")
+    if t.requires_grad:
+        raise ValueError(f"`{name}` must not require grad (it is a weight, not a parameter); pass {name}.detach()")
+    return t.reshape(())
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -177,8 +177,10 @@ def _check_likelihood_inputs(
     return log_scale, checks.resolve_impl(impl, **tensors)
 
 
-def _check_kl_and_beta(x: Tensor, kl: object, beta: object) -> float:
-    """`kl` must be a float (B,) tensor on x's device; returns `beta` as a finite float >= 0."""
+def _check_kl_and_beta(x: Tensor, kl: object, beta: object) -> float | Tensor:
+    """`kl` must be a float (B,) tensor on x's device; returns `beta` as a finite float >= 0, or as given when
+    it is a one-element float tensor on x's device that needs no gradient (its value is not checked: that
+    would cost a host synchronisation)."""
     if not (isinstance(kl, Tensor) and kl.is_floating_point() and kl.dim() == 1 and kl.shape[0] == x.shape[0]):
         kl = checks.float_tensor("kl", kl)
         if kl.shape != x.shape[:1]:
@@ -187,6 +189,8 @@ def _check_kl_and_beta(x: Tensor, kl: object, beta: object) -> float:
         checks.same_device(x=x, kl=kl)
     if type(beta) is float and 0.0 <= beta < math.inf:
         return beta
+    if isinstance(beta, Tensor):
+        return checks.weight_tensor("beta", beta, x.device)
     return checks.finite_non_negative("beta", beta)
 
 
@@ -221,7 +225,7 @@ def _elbo(
     kl: Tensor,
     dist: str,
     log_scale: Tensor | float | None,
-    beta: float,
+    beta: float | Tensor,
     impl: str,
     with_terms: bool,
 ) -> tuple[Tensor, Tensor | None]:
@@ -233,7 +237,10 @@ def _elbo(
     ls_tensor, ls_const = _split_log_scale(log_scale)
     need_dls = ls_tensor is not None and ls_tensor.requires_grad
     if torch.compiler.is_compiling():
-        loss, state, *_ = _ops().elbo_loss_op(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
+        beta_tensor, beta_value = (beta, 0.0) if isinstance(beta, Tensor) else (None, beta)
+        loss, state, *_ = _ops().elbo_loss_op(
+            x, out, kl, ls_tensor, ls_const, dist, beta_tensor, beta_value, need_dls
+        )
     else:
         loss, state = _ops().ElboLoss.apply(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
     return loss, _ops().elbo_terms_of(state) if with_terms else None
@@ -246,7 +253,7 @@ def elbo_terms(
     *,
     dist: str = "gaussian",
     log_scale: Tensor | float | None = None,
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """`elbo_loss`, and its terms: a detached (3,) fp32 tensor of batch means in nats per sample,
@@ -262,14 +269,15 @@ def elbo_loss(
     *,
     dist: str = "gaussian",
     log_scale: Tensor | float | None = None,
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     impl: str = "auto",
 ) -> Tensor:
     """Scalar negative ELBO: mean over the batch of -(log p(x|z) - beta*kl), in nats per sample.
 
     With out of shape (S, B, D) the log-likelihood is also averaged over the S samples.
     x, out, dist, log_scale: as in `log_likelihood`; kl: (B,), e.g. from `sample_latent`;
-    beta: the KL weight, finite and >= 0.
+    beta: the KL weight, finite and >= 0: a float, or a one-element float tensor on x's device (not checked
+    then), whose current value the fused kernels read (so a captured CUDA graph follows its updates).
     The fused path computes log p(x|z) and its gradient in one pass over x and out.
     An empty batch gives NaN, as a mean over no rows does in torch.
     """

@@ -348,16 +348,20 @@ class VAE(nn.Module):
         log_px, kl = self.log_px_and_kl(x, samples)
         return log_px - kl
 
-    def loss(self, x: Tensor, beta: float | None = None, iw_samples: int = 1) -> LossOutput:
+    def loss(self, x: Tensor, beta: float | Tensor | None = None, iw_samples: int = 1) -> LossOutput:
         """The training objective for a batch x (B, D) or (B, *data_shape); see `LossOutput`.
 
-        beta: the KL weight, finite and >= 0 (default: the model's `beta`). x must have at least one
+        beta: the KL weight, finite and >= 0 (default: the model's `beta`), or a one-element tensor on the
+        model's device whose current value is used (a captured CUDA graph follows it). x must have at least one
         row, in the dtype of the model's parameters (or under torch.autocast). iw_samples = S > 1 trains on the
         importance-weighted bound IWAE_S, with beta weighting log p(z) - log q(z|x) in each log-weight
         (so S = 1 would give the beta-ELBO); the reported `iwae` always uses beta = 1.
         """
         x = self._flat(x)
-        beta = self.beta if beta is None else checks.finite_non_negative("beta", beta)
+        if beta is None:
+            beta = self.beta
+        elif not isinstance(beta, Tensor):  # a tensor is checked by the ops (its value is not read)
+            beta = checks.finite_non_negative("beta", beta)
         samples = checks.positive_int("iw_samples", iw_samples)
         if len(x) == 0:
             raise ValueError(f"`x` is an empty batch (shape {tuple(x.shape)}); the loss is a mean over its rows")

@@ -91,21 +91,23 @@ def _loglik_kernel(
         tl.store(logp_ptr + rows, acc, mask=row_mask)
 
 
-# The fused loss's state (fp32, (6,)): the stash's two scale slots, the KL's gradient, and the loss's terms.
-SLOTS, DKL, TERMS = 0, 2, 3
-STATE_SIZE = 6
+# The fused loss's state (fp32): the stash's two scale slots, the KL's gradient, the loss's terms, and the
+# KL's weight in the loss (beta / B).
+SLOTS, DKL, TERMS, KL_WEIGHT = 0, 2, 3, 6
+STATE_SIZE = 7
 
 
 @triton.jit
 def _elbo_finish_kernel(
-    logp_ptr, kl_ptr, loss_ptr, state_ptr,
+    logp_ptr, kl_ptr, beta_ptr, loss_ptr, state_ptr,
     R, B, stride_kl,
-    beta,
-    BLOCK: tl.constexpr,
+    beta_value,
+    BLOCK: tl.constexpr, BETA_IN_MEMORY: tl.constexpr,
 ):
     # grid: (1,). loss = -mean_r(log p) + beta * mean_b(kl); the terms, state[3:6] = batch means of
-    # (log p - kl, kl, log p) with beta = 1. state[0] = 1: the stash holds the gradient for an upstream
-    # gradient of 1 (see _rescale_kernel).
+    # (log p - kl, kl, log p) with beta = 1; state[6] = beta / B. state[0] = 1: the stash holds the gradient
+    # for an upstream gradient of 1 (see _rescale_kernel). beta is read from memory (a CUDA graph's
+    # replays see its current value) or passed by value.
     offs = tl.arange(0, BLOCK)
     logp_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, R, BLOCK):
@@ -114,6 +116,10 @@ def _elbo_finish_kernel(
     for b0 in range(0, B, BLOCK):
         rows = (b0 + offs).to(tl.int64)
         kl_acc += tl.load(kl_ptr + rows * stride_kl, mask=rows < B, other=0.0).to(tl.float32)
+    if BETA_IN_MEMORY:
+        beta = tl.load(beta_ptr).to(tl.float32)
+    else:
+        beta = beta_value
     log_px = tl.sum(logp_acc, axis=0) / R
     kl = tl.sum(kl_acc, axis=0) / B
     tl.store(loss_ptr, beta * kl - log_px)
@@ -121,19 +127,19 @@ def _elbo_finish_kernel(
     tl.store(state_ptr + 3, log_px - kl)
     tl.store(state_ptr + 4, kl)
     tl.store(state_ptr + 5, log_px)
+    tl.store(state_ptr + 6, beta / B)
 
 
 @triton.jit
 def _rescale_kernel(
     dout_ptr, dls_ptr, grad_ptr, state_ptr,
     n_dout, n_dls, read_slot,
-    kl_weight,
     BLOCK: tl.constexpr, HAS_DLS: tl.constexpr,
 ):
     # grid: (cdiv(max(n_dout, n_dls), BLOCK),). The stash was written for the upstream gradient
     # state[read_slot]; scale it to the upstream gradient g: a *= g / state[read_slot], skipped on the device
     # when the factor is 1 (the usual loss.backward()). Program 0 records g in the other slot, which no
-    # program reads in this launch (so there is no race), and writes the KL's gradient g * kl_weight.
+    # program reads in this launch (so there is no race), and writes the KL's gradient g * beta / B.
     g = tl.load(grad_ptr).to(tl.float32)
     factor = g / tl.load(state_ptr + read_slot)
     if factor != 1.0:
@@ -145,12 +151,12 @@ def _rescale_kernel(
             tl.store(dls_ptr + offs, (a * factor).to(dls_ptr.dtype.element_ty), mask=offs < n_dls)
     if tl.program_id(0) == 0:
         tl.store(state_ptr + 1 - read_slot, g)
-        tl.store(state_ptr + 2, g * kl_weight)
+        tl.store(state_ptr + 2, g * tl.load(state_ptr + 6))
 
 
 _loglik = CachedKernel(_loglik_kernel, values=("ls_const", "w_const"))
-_finish = CachedKernel(_elbo_finish_kernel, values=("beta",))
-_rescale = CachedKernel(_rescale_kernel, values=("kl_weight",))
+_finish = CachedKernel(_elbo_finish_kernel, values=("beta_value",))
+_rescale = CachedKernel(_rescale_kernel)
 
 
 @functools.cache
@@ -221,34 +227,42 @@ def log_likelihood_launch(
     return logp, dout, dls
 
 
-def elbo_finish(logp: Tensor, kl: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def elbo_finish(logp: Tensor, kl: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor]:
     """Reduce the rows' log p (R,) fp32 and the KL (B,) to the loss, in one launch of one program.
 
+    beta: the KL's weight, a float or a one-element tensor on the device (read by the kernel).
     Returns loss () fp32 = -mean(log p) + beta * mean(kl), in nats, and the loss's state (STATE_SIZE,) fp32:
-    the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient (written by `rescale_grads`) and
-    at TERMS the batch means of (log p - kl, kl, log p) in nats. An empty batch gives NaN, as a mean over
-    no rows does.
+    the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient (written by `rescale_grads`), at
+    TERMS the batch means of (log p - kl, kl, log p) in nats, and at KL_WEIGHT beta / B. An empty batch gives
+    NaN, as a mean over no rows does.
     """
     dev = logp.device
     loss = torch.empty((), dtype=torch.float32, device=dev)
     state = torch.empty((STATE_SIZE,), dtype=torch.float32, device=dev)
     block = 1024 if not INTERPRET else 1 << 16
-    _finish.launch((1,), (logp, kl, loss, state, logp.shape[0], kl.shape[0], kl.stride(0), beta), (block,), 4)
+    in_memory = isinstance(beta, Tensor)
+    _finish.launch(
+        (1,),
+        (
+            logp, kl, beta if in_memory else None, loss, state, logp.shape[0], kl.shape[0], kl.stride(0),
+            0.0 if in_memory else beta,
+        ),  # fmt: skip
+        (block, in_memory),
+        4,
+    )
     return loss, state
 
 
-def rescale_grads(
-    dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, kl_weight: float, read_slot: int = 0
-) -> None:
+def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, read_slot: int = 0) -> None:
     """The fused loss's backward, in place and in one launch: scale the stash (dout, dls or None; contiguous)
     from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
-    state[1 - read_slot], and write the KL's gradient grad * kl_weight to state[DKL].
+    state[1 - read_slot], and write the KL's gradient grad * beta / B to state[DKL].
     The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
     n_dout, n_dls = dout.numel(), 0 if dls is None else dls.numel()
     block = 4096 if not INTERPRET else 1 << 20
     _rescale.launch(
         (max(1, cdiv(max(n_dout, n_dls), block)),),
-        (dout, dls, grad, state, n_dout, n_dls, read_slot, kl_weight),
+        (dout, dls, grad, state, n_dout, n_dls, read_slot),
         (block, dls is not None),
         8,
     )

@@ -228,3 +228,33 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(
         lambda o, s, k: ref.elbo_loss_reference(x, o, k, "gaussian", s, beta=0.3)[0], (out, ls, kl)
     )
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_beta_as_a_device_tensor_is_the_float(impl, kernel_device):
+    """A tensor beta (what a captured CUDA graph reads anew at each replay) gives the float's loss and gradients,
+    also in a second backward; the value is read, not baked in."""
+    x, out, log_scale, kl = _make(5, 9, 1, torch.float32, "gaussian", "per-dim", kernel_device, seed=9)
+    leaves = (out, log_scale, kl)
+    beta = torch.tensor(0.25, device=kernel_device)
+    for value in (0.25, 3.0):
+        beta.fill_(value)
+        want = fastvae.elbo_loss(x, out, kl, log_scale=log_scale, beta=value, impl=impl)
+        got = fastvae.elbo_loss(x, out, kl, log_scale=log_scale, beta=beta, impl=impl)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for _ in range(2):  # the second backward rescales the stash again
+            grads = torch.autograd.grad(got * 2.0, leaves, retain_graph=True)
+            for g, w in zip(grads, torch.autograd.grad(want * 2.0, leaves, retain_graph=True), strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_a_bad_beta_tensor_is_named(kernel_device):
+    x, out, _, kl = _make(3, 4, 1, torch.float32, "bernoulli", None, kernel_device, seed=10)
+    for beta, error, message in (
+        (torch.ones(2, device=kernel_device), TypeError, "`beta` given as a tensor must have one floating-point"),
+        (torch.ones((), dtype=torch.int64, device=kernel_device), TypeError, "one floating-point element"),
+        (torch.ones((), device="meta"), ValueError, "`beta` is on meta but the data are on"),
+        (torch.ones((), device=kernel_device, requires_grad=True), ValueError, "`beta` must not require grad"),
+    ):
+        with pytest.raises(error, match=message):
+            fastvae.elbo_loss(x, out, kl, dist="bernoulli", beta=beta, impl="triton")

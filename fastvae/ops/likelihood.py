@@ -128,8 +128,8 @@ log_likelihood_op.register_autograd(
 
 
 def _elbo_loss(
-    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, beta: float,
-    need_dls: bool,
+    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str,
+    beta: float | Tensor, need_dls: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Two launches: log p and its gradient (the stash), then the reduction to the loss.
 
@@ -148,13 +148,12 @@ def _elbo_loss(
     return loss, state, dout, dls
 
 
-def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, beta: float, stash: tuple) -> None:
+def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, stash: tuple) -> None:
     """The backward's context. The stash (dout, dls or None, state) is rescaled in place by each backward, so
     it is held on ctx rather than saved with save_for_backward (whose version check would refuse a second
     backward under retain_graph)."""
     batch = kl.shape[0]
     ctx.dist, ctx.rows, ctx.batch, ctx.kl_dtype = dist, max(out.shape[:-1].numel(), 1), batch, kl.dtype
-    ctx.kl_weight = beta / max(batch, 1)
     ctx.stash = stash
     ctx.set_materialize_grads(False)  # no gradient buffers for the outputs that carry none
     # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits).
@@ -162,13 +161,13 @@ def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, beta: float,
 
 
 def _elbo_grads(ctx, grad: Tensor | None, rescale: Callable[..., None]) -> tuple:
-    """Gradients of (x, out, kl, log_scale) and Nones for the rest: `rescale(dout, dls, grad, state,
-    kl_weight)` brings the stash to `grad` in place and writes the KL's gradient to state[DKL]."""
+    """Gradients of (x, out, kl, log_scale) and Nones for the rest: `rescale(dout, dls, grad, state)` brings
+    the stash to `grad` in place and writes the KL's gradient to state[DKL]."""
     if grad is None:
-        return (None,) * 8
+        return (None,) * len(ctx.needs_input_grad)
     dout, dls, state = ctx.stash
     needs = ctx.needs_input_grad
-    rescale(dout, dls, grad, state, ctx.kl_weight)
+    rescale(dout, dls, grad, state)
     dkl = None
     if needs[2]:  # the same value for every row: a broadcast view of state[DKL]
         dkl = state.as_strided((ctx.batch,), (0,), DKL)
@@ -177,14 +176,16 @@ def _elbo_grads(ctx, grad: Tensor | None, rescale: Callable[..., None]) -> tuple
     if needs[0]:
         out, x = ctx.saved_tensors
         dx = _data_grad(ctx.dist, dout, out, -grad.float() / ctx.rows, x)
-    return dx, dout, dkl, (dls if needs[3] else None), None, None, None, None
+    return dx, dout, dkl, (dls if needs[3] else None), *(None,) * (len(needs) - 4)
 
 
 class ElboLoss(torch.autograd.Function):
     """`ElboLoss.apply(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)` -> (loss, state).
 
+    beta: a float, or a one-element tensor on the device (its current value is read by the kernel).
+
     loss: () fp32, the mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats per sample; state:
-    the loss's detached state, whose `state[TERMS:]` are the batch means of (log p - kl, kl, log p) (the ELBO
+    the loss's detached state, whose `state[TERMS:TERMS + 3]` are the batch means of (log p - kl, kl, log p) (the ELBO
     with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or (S, B, D); kl (B,); log_scale as in
     `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager path: two launches forward and one
     backward, no dispatcher round trip.
@@ -193,7 +194,7 @@ class ElboLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out, kl, log_scale, log_scale_const, dist, beta, need_dls) -> tuple[Tensor, Tensor]:
         loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
-        _elbo_setup(ctx, x, out, kl, dist, beta, (dout, dls, state))
+        _elbo_setup(ctx, x, out, kl, dist, (dout, dls, state))
         ctx.mark_non_differentiable(state)
         ctx.backwards = 0  # which scale slot the next backward reads (see kernels/likelihood.py)
         return loss, state
@@ -203,51 +204,53 @@ class ElboLoss(torch.autograd.Function):
         return _elbo_grads(ctx, grad, functools.partial(_rescale_alternating, ctx))
 
 
-def _rescale_alternating(ctx, dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, kl_weight: float) -> None:
+def _rescale_alternating(ctx, dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor) -> None:
     """`rescale_grads` reading the slot that the previous backward (or the forward) wrote."""
     read_slot, ctx.backwards = ctx.backwards % 2, ctx.backwards + 1
-    rescale_grads(dout, dls, grad, state, kl_weight, read_slot)
+    rescale_grads(dout, dls, grad, state, read_slot)
 
 
 def elbo_terms_of(state: Tensor) -> Tensor:
     """The loss's terms, (3,) fp32 nats: a view of its state."""
-    return state[TERMS:]
+    return state[TERMS : TERMS + 3]
 
 
 @torch.library.custom_op("fastvae::elbo_loss", mutates_args=())
 def elbo_loss_op(
-    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, beta: float,
-    need_dls: bool,
+    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str,
+    beta: Tensor | None, beta_value: float, need_dls: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_elbo_loss` as a custom op: (loss, state, and the stash for autograd: dout, dls or an empty tensor)."""
+    """`_elbo_loss` as a custom op, with beta a tensor or None (then `beta_value`): (loss, state, and the
+    stash for autograd: dout, dls or an empty tensor)."""
+    beta = beta_value if beta is None else beta
     loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
     return loss, state, dout, dout.new_empty((0,)) if dls is None else dls
 
 
 @elbo_loss_op.register_fake
-def _(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls):
+def _(x, out, kl, log_scale, log_scale_const, dist, beta, beta_value, need_dls):
     dout, dls = _fake_grads(out, log_scale, need_dls)
     f32 = torch.float32
     return out.new_empty((), dtype=f32), out.new_empty((STATE_SIZE,), dtype=f32), dout, dls
 
 
 @torch.library.custom_op("fastvae::elbo_rescale_", mutates_args=("dout", "dls", "state"))
-def elbo_rescale_op(dout: Tensor, dls: Tensor, grad: Tensor, state: Tensor, kl_weight: float) -> None:
+def elbo_rescale_op(dout: Tensor, dls: Tensor, grad: Tensor, state: Tensor) -> None:
     """`rescale_grads` for a traced backward, which cannot alternate the scale slots: it reads slot 0 and
     then records `grad` there (one more launch than the eager path)."""
-    rescale_grads(dout, dls if dls.numel() else None, grad, state, kl_weight)
+    rescale_grads(dout, dls if dls.numel() else None, grad, state)
     state[:1].copy_(grad.reshape(1))
 
 
 @elbo_rescale_op.register_fake
-def _(dout, dls, grad, state, kl_weight) -> None:
+def _(dout, dls, grad, state) -> None:
     return None
 
 
 def _elbo_op_setup(ctx, inputs, output) -> None:
-    x, out, kl, _, _, dist, beta, _ = inputs
+    x, out, kl, *_ = inputs
     ctx.mark_non_differentiable(*output[1:])
-    _elbo_setup(ctx, x, out, kl, dist, beta, (output[2], output[3], output[1]))
+    _elbo_setup(ctx, x, out, kl, inputs[5], (output[2], output[3], output[1]))
 
 
 elbo_loss_op.register_autograd(
