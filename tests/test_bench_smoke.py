@@ -81,3 +81,18 @@ def test_ddp_stress_counts_clean_exits(tmp_path, capsys):
         ("SIGTERM", True, [143, 143]),
     ]
     assert "finished: 1 of 1 exited cleanly" in capsys.readouterr().out
+
+
+def test_other_benchmarks_render_as_one_column_per_key():
+    """A results file without its own renderer (e.g. bench.host_overhead's) still renders as a table."""
+    env = {"device": "cpu", "torch": "t", "triton": "tr", "commit": "c", "date": "d", "triton_interpret": "0"}
+    data = {"benchmark": "host_overhead", "environment": env,
+            "results": [{"step": "fused", "host_us": 12.345, "note": "a|b"}, {"step": "eager", "launches": 7}]}
+    lines = report.markdown(data).splitlines()
+    assert lines[0].startswith("Device: cpu;")
+    assert lines[2:] == [
+        "| step | host_us | note | launches |",
+        "|---|---|---|---|",
+        "| fused | 12.35 | a\\|b | – |",
+        "| eager | – | – | 7 |",
+    ]
