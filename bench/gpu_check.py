@@ -79,7 +79,8 @@ DRY_TESTS = ["tests/test_latent.py", "-k", "test_public_shapes_and_reference_imp
              "test_kl_matches_torch_distributions or test_cuda_graph_replay_draws_fresh_noise"]  # fmt: skip
 DRY_DTYPES = ["--dtype", "fp32"]  # a dry run's ELBO head and sanitizer cases: fp32 only
 GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs, once bench.train_throughput has them
-SANITIZER_TOOLS = {"memcheck": 0.6, "racecheck": 0.4}  # each tool's part of the sanitizer step's time
+SANITIZER_TOOLS = ("memcheck", "racecheck")
+MEMCHECK_PART = 0.6  # memcheck's part of the sanitizer step's time; racecheck has the rest
 
 
 @dataclass
@@ -219,7 +220,8 @@ class Kit:
         try:
             action(self, step)
         except Exception as err:  # the kit's own fault in a step: recorded as the step's, the run goes on
-            step.status, step.line = "failed", f"the kit failed in this step: {type(err).__name__}: {err}"
+            message = next(iter(str(err).strip().splitlines()), "")
+            step.status, step.line = "failed", f"the kit failed in this step: {type(err).__name__}: {message}"
         step.seconds = round(time.monotonic() - start, 1)
         print(f"[{step.name}] {step.status} in {step.seconds:.0f} s: {step.line}", flush=True)
 
@@ -228,6 +230,9 @@ def settle(step: Step, run: Run, line: str, program: str) -> None:
     """The step's status and line from its run of `program`: cut short, failed, or passed with `line`."""
     if run.cut:
         step.status, step.line = "cut", f"{program} cut short at the step's deadline, after {run.seconds:.0f} s; {line}"
+    elif run.returncode < 0:  # a crash: SIGSEGV, SIGABRT, ...
+        signame = signal.Signals(-run.returncode).name
+        step.status, step.line = "failed", f"{program} was killed by {signame}: {last_line(run.output)}"
     elif run.returncode != 0:
         step.status, step.line = "failed", f"{program} exited with status {run.returncode}: {last_line(run.output)}"
     else:
@@ -307,8 +312,8 @@ def step_tests(kit: Kit, step: Step) -> None:
         first = tests["failures"][0]
         line += f"; first failure: {first['test']}: {first['line']}"
     settle(step, run, line, "pytest")
-    if step.status == "failed" and tests["ran"]:  # pytest's last line only repeats the counts
-        step.line = f"pytest exited with status {run.returncode}; {line}"
+    if step.status == "failed" and tests["ran"]:  # the counts say more than pytest's last line
+        step.line = f"{step.line.split(':')[0]}; {line}"
 
 
 def compute_sanitizer() -> str | None:
@@ -335,11 +340,11 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
             step.line = f"{why}: memcheck and racecheck not run; bench.sanitize_kernels ran without them: {step.line}"
     else:
         env = {**kit.env(), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation
-        total, results = kit.remaining(), []
-        for tool, part in SANITIZER_TOOLS.items():
+        results = []
+        for tool in SANITIZER_TOOLS:
             argv = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--report-api-errors", "no",
                     "--print-limit", "100", sys.executable, "-m", "bench.sanitize_kernels"]  # fmt: skip
-            run = kit.run(argv, env, timeout=total * part)
+            run = kit.run(argv, env, timeout=kit.remaining() * MEMCHECK_PART if tool == "memcheck" else None)
             found = [line.strip("= \t") for line in run.output.splitlines() if "SUMMARY" in line]
             verdict = "cut short" if run.cut else f"exit status {run.returncode}"
             results.append((run, f"{tool}: {verdict}; {'; '.join(found) or last_line(run.output)}"))
@@ -348,7 +353,7 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
         step.status = ("failed" if any(r.returncode not in (0, None) for r in runs)
                        else "cut" if any(r.cut for r in runs) else "passed")  # fmt: skip
         step.line = " | ".join(line for _, line in results)
-    limit = MAX_FILE_BYTES // max(1, len(sections)) - 1024
+    limit = MAX_FILE_BYTES // (4 * len(sections))  # characters: up to 4 bytes each
     (kit.out / "sanitizer.txt").write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,37 @@ def test_a_failing_and_a_hanging_step_are_recorded_and_the_run_goes_on(tmp_path)
     summary = (out / "summary.md").read_text()
     assert "- **tests** (failed): pytest exited with status 1: injected failure" in summary
     assert "- **elbo_head** (cut): bench.elbo_head cut short" in summary
+
+
+# A stand-in for compute-sanitizer (a GPU machine's tool): memcheck finds nothing, racecheck a hazard.
+FAKE_SANITIZER = """#!/bin/sh
+if [ "$2" = memcheck ]; then echo "========= ERROR SUMMARY: 0 errors"; exit 0; fi
+echo "========= Error: Race reported between Write access and Read access"
+echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+exit 99
+"""
+
+
+def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    kit = gpu_check.Kit(gpu_check.parse_args(["--out", str(tmp_path / "out"), "--steps", "sanitizer"]))
+    kit.out.mkdir()
+    try:
+        kit.execute(kit.steps[0], gpu_check.step_sanitizer)
+    finally:
+        shutil.rmtree(kit.scratch)
+    step = kit.steps[0]
+    assert step.status == "failed"
+    assert step.line == ("memcheck: exit status 0; ERROR SUMMARY: 0 errors | racecheck: exit status 99; "
+                         "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")  # fmt: skip
+    tools = [f"{fake} --tool {tool}" for tool in ("memcheck", "racecheck")]
+    assert [c.split(" --error-exitcode")[0] for c in step.commands] == tools
+    assert all(c.endswith("python -m bench.sanitize_kernels") for c in step.commands)
+    assert "Race reported between Write access and Read access" in (kit.out / "sanitizer.txt").read_text()
 
 
 def test_test_failures_are_recorded_with_their_first_lines(tmp_path):
