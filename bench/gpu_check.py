@@ -59,9 +59,9 @@ KILL_GRACE_S = 5.0
 # stopping a step and writing the summary); scaled to --budget and to the steps chosen with --steps.
 SHARES = {
     "environment": 20,
-    "tests": 170,
-    "sanitizer": 90,
-    "elbo_head": 80,
+    "tests": 150,
+    "sanitizer": 80,
+    "elbo_head": 110,
     "bandwidth": 35,
     "train_throughput": 60,
     "host_overhead": 15,
