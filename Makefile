@@ -1,5 +1,6 @@
 # One command each: `make test` (set-up + tests) and `make train` (set-up + a short run on sprites).
 # Both create .venv and install fastvae with the pinned versions from constraints.txt.
+# `make gpu-check` is for a lent GPU machine, whose Python already has torch and triton: no .venv there.
 PYTHON ?= python3
 # The README's main command: 10 epochs (the default), a minute or two on a 2-core CPU.
 TRAIN_ARGS ?= --likelihood bernoulli
@@ -9,7 +10,10 @@ PY := $(VENV)/bin/python
 HAS_CUDA = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 INTERPRET = $(if $(filter 1,$(HAS_CUDA)),0,1)
 
-.PHONY: setup test lint train bench clean
+# The GPU check's folder: the device tool's $OUT when set, else a new one under runs/.
+GPU_CHECK_OUT ?= $(or $(OUT),runs/gpu-check-$(shell date +%Y%m%d-%H%M%S))
+
+.PHONY: setup test lint train bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +34,13 @@ train: setup
 
 bench: setup
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m bench.elbo_head $(BENCH_ARGS)
+
+# python -m bench.gpu_check with $(PYTHON) (no .venv): fastvae is installed into it first, without
+# dependencies or network, unless it is already. GPU_CHECK_ARGS: e.g. --dry-run, or --steps tests.
+gpu-check:
+	$(PYTHON) -c "import fastvae.kernels" 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

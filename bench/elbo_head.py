@@ -10,9 +10,11 @@ The decoder is left out: `out` (B, D) is a given tensor, and the gradient reachi
 random tensor, so both ops' backward passes run.
 
 Reported per case:
-  time     median ms of forward, backward, and forward+backward (CUDA: triton.testing.do_bench over
-           rotating input buffers; CPU: perf_counter medians)
-  GB/s     (CUDA) design bytes of the fused op / time, against a measured device copy bandwidth
+  time     ms of forward, backward, and forward+backward as called, launches included (CUDA: the mean of
+           triton.testing.do_bench over rotating input buffers; CPU: perf_counter medians)
+  graph    (CUDA) ms of forward+backward replayed from a captured CUDA graph: device time only
+  GB/s     (CUDA) design bytes of the fused op / the graph time (the as-called time where the step could
+           not be captured), against a measured device copy bandwidth
   saved    bytes autograd keeps from forward to backward: saved tensors (saved-tensor hooks) and tensors
            held on the graph's nodes (the fused loss's gradient stash), each storage counted once
   ops      torch ops dispatched per forward+backward step (TorchDispatchMode), a fused-kernel launch
@@ -45,7 +47,7 @@ from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
-from bench.environment import environment
+from bench.environment import copy_bandwidth_gbs, environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,17 +73,21 @@ class Result:
     moved_bytes: int = 0
     peak_extra_bytes: int | None = None
     launches_per_step: int | None = None
+    graph_ms: float | None = None  # fwd+bwd replayed from a captured CUDA graph: device time only
+    graph_error: str | None = None  # why the step could not be captured in a CUDA graph
+    gbs: float | None = None  # (fused) design bytes per step / the graph time, else / the as-called time
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    """Random inputs drawn on the device (a CPU draw of the bandwidth case's B x D would take seconds)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
 
     def rand(*shape, scale=1.0, leaf=True):
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        t = (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
         return t.requires_grad_(leaf)
 
-    x = torch.rand(case.B, case.D, generator=g).to(device=device, dtype=dtype)
+    x = torch.rand(case.B, case.D, generator=g, device=device).to(dtype)
     if case.dist == "bernoulli":
         x = x.round()
     return {
@@ -237,14 +243,21 @@ def time_cuda(fn, inputs: list[dict[str, torch.Tensor]]) -> tuple[float, float, 
     return f, ft - f, ft
 
 
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Measured device copy bandwidth: 1 GiB read + 1 GiB written per copy."""
-    from triton.testing import do_bench
+def time_cuda_graph(fn, t: dict[str, torch.Tensor]) -> tuple[float | None, str | None]:
+    """ms of one forward+backward step replayed from a captured CUDA graph: the device's time without the
+    host's launches (triton.testing.do_bench_cudagraph: a warm-up on a side stream, then as many steps as
+    fill ~20 ms unrolled into one graph). (None, the error's first line) when the step cannot be captured."""
+    from triton.testing import do_bench_cudagraph
 
-    src = torch.empty(2**28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=20, rep=100)
-    return 2 * src.nbytes / ms / 1e6
+    def fwd_bwd():
+        z, loss = fn(t)
+        backward(t, z, loss)
+
+    try:
+        return do_bench_cudagraph(fwd_bwd), None
+    except Exception as err:  # a failed capture raises CUDA, allocator or dynamo errors alike
+        torch.cuda.synchronize()
+        return None, f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
 
 
 def fused_design_bytes(case: Case) -> int:
@@ -280,6 +293,9 @@ def run_case(case: Case, impl: str, device: torch.device, reps: int) -> Result:
         res.peak_extra_bytes = torch.cuda.max_memory_allocated() - base
         res.launches_per_step = cuda_launches(lambda: backward(inputs[0], *fn(inputs[0])))
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cuda(fn, inputs)
+        res.graph_ms, res.graph_error = time_cuda_graph(fn, inputs[0])
+        if impl == "fused":
+            res.gbs = fused_design_bytes(case) / (res.graph_ms or res.fwd_bwd_ms) / 1e6
     elif impl != "fused":
         res.fwd_ms, res.bwd_ms, res.fwd_bwd_ms = time_cpu(fn, t, reps)
     return res
@@ -296,7 +312,7 @@ def _mb(v):
 def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
     title = f"ELBO head on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
     table = Table(title=title)
-    for col in ("B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager",
+    for col in ("B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "graph ms", "vs eager",
                 "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB", "launches"):
         table.add_column(col, justify="right")
     by_case: dict[tuple, dict[str, Result]] = {}
@@ -309,14 +325,12 @@ def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
                 b = impls.get(base)
                 ok = b and b.fwd_bwd_ms and r.fwd_bwd_ms and base != impl
                 ratio[base] = f"{b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if ok else "-"
-            gbs = "-"
-            if impl == "fused" and r.fwd_bwd_ms:
-                gbs = f"{fused_design_bytes(r.case) / r.fwd_bwd_ms / 1e6:.0f}"
-                if bandwidth:
-                    gbs += f" ({100 * fused_design_bytes(r.case) / r.fwd_bwd_ms / 1e6 / bandwidth:.0f}%)"
+            gbs = "-" if r.gbs is None else f"{r.gbs:.0f}"
+            if r.gbs and bandwidth:
+                gbs += f" ({100 * r.gbs / bandwidth:.0f}%)"
             table.add_row(*map(str, key), impl, _fmt_ms(r.fwd_ms), _fmt_ms(r.bwd_ms), _fmt_ms(r.fwd_bwd_ms),
-                          ratio["eager"], ratio["compile"], gbs, _mb(r.saved_bytes), str(r.ops_per_step or "-"),
-                          _mb(r.moved_bytes or None), _mb(r.peak_extra_bytes),
+                          _fmt_ms(r.graph_ms), ratio["eager"], ratio["compile"], gbs, _mb(r.saved_bytes),
+                          str(r.ops_per_step or "-"), _mb(r.moved_bytes or None), _mb(r.peak_extra_bytes),
                           str(r.launches_per_step or "-"))
     return table
 
@@ -350,13 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         for impl in impls:
             console.log(f"{case} {impl}")
             results.append(run_case(case, impl, device, args.reps))
+            if args.json:  # after every case: a run stopped part-way keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"benchmark": "elbo_head", "environment": env, "copy_bandwidth_gbs": bandwidth,
+                               "results": [asdict(r) for r in results]}, f, indent=2)
     console.print(render(results, env, bandwidth))
     if bandwidth:
         console.print(f"measured copy bandwidth: {bandwidth:.0f} GB/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "elbo_head", "environment": env, "copy_bandwidth_gbs": bandwidth,
-                       "results": [asdict(r) for r in results]}, f, indent=2)
 
 
 if __name__ == "__main__":

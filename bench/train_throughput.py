@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
             console.log(f"{system}, batch {batch_size}")
             run = run_baseline if system == "baseline" else lambda *a, s=system: run_engine(s, *a)
             results.append(run(splits, batch_size, args.epochs, args.warmup, device))
+            if args.json:  # after every system: a run stopped part-way keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(to_json(results, env, args), f, indent=2)
     console.print(render(results, env))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(results, env, args), f, indent=2)
     return results
 
 

@@ -10,10 +10,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import KERNEL_DEVICE  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-# The device the fused kernels run on in this session: the GPU, or the CPU under the interpreter.
-KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

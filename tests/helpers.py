@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+# The device the fused kernels run on in this session: the GPU, or the CPU under the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Tolerances for a tensor *stored* in this dtype, compared with a float64 reference computed from

@@ -116,3 +116,18 @@ def test_host_overhead_refuses_the_interpreter(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         host_overhead.main(["--reps", "1"])
     assert exit_info.value.code == 2
+
+
+def test_other_benchmarks_render_as_one_column_per_key():
+    """A results file without its own renderer (e.g. bench.host_overhead's) still renders as a table."""
+    env = {"device": "cpu", "torch": "t", "triton": "tr", "commit": "c", "date": "d", "triton_interpret": "0"}
+    data = {"benchmark": "host_overhead", "environment": env,
+            "results": [{"step": "fused", "host_us": 12.345, "note": "a|b"}, {"step": "eager", "launches": 7}]}
+    lines = report.markdown(data).splitlines()
+    assert lines[0].startswith("Device: cpu;")
+    assert lines[2:] == [
+        "| step | host_us | note | launches |",
+        "|---|---|---|---|",
+        "| fused | 12.35 | a\\|b | – |",
+        "| eager | – | – | 7 |",
+    ]

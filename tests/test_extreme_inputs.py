@@ -1,5 +1,6 @@
-"""Extreme inputs on both paths: the fused kernels (impl="triton", under the interpreter on the CPU) and
-the reference (impl="torch") give the same finiteness pattern and close values. See docs/maths.md,
+"""Extreme inputs on both paths: the fused kernels (impl="triton", on the GPU, or under the interpreter on
+the CPU) and the reference (impl="torch") give the same finiteness pattern and close values, on the kernels'
+device. See docs/maths.md,
 "Extreme inputs", for the table these tests check.
 
 The latent step draws its noise differently on the two paths, so the reference path is fed the
@@ -13,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE as DEVICE
 
 import fastvae
 
@@ -24,7 +26,8 @@ RTOL = {F32: 1e-5, BF16: 3e-2}
 def _kernel_eps(shape: tuple[int, int, int]) -> torch.Tensor:
     S, B, K_ = shape
     torch.manual_seed(SEED)
-    eps, _, _ = fastvae.sample_latent_iw(torch.zeros(B, K_), torch.zeros(B, K_), samples=S, impl="triton")
+    zeros = torch.zeros(B, K_, device=DEVICE)
+    eps, _, _ = fastvae.sample_latent_iw(zeros, zeros, samples=S, impl="triton")
     return eps
 
 
@@ -70,11 +73,11 @@ def _both(mu, logvar, samples, monkeypatch, grads=("z", "kl")):
 
 
 def _rows(logvars, mus, dtype):
-    """One row per (logvar, mu) pair, constant along K."""
+    """One row per (logvar, mu) pair, constant along K, on the kernels' device."""
     pairs = list(itertools.product(logvars, mus))
     lv = torch.tensor([p[0] for p in pairs]).repeat_interleave(K).reshape(-1, K)
     mu = torch.tensor([p[1] for p in pairs]).repeat_interleave(K).reshape(-1, K)
-    return mu.to(dtype), lv.to(dtype)
+    return mu.to(DEVICE, dtype), lv.to(DEVICE, dtype)
 
 
 # ------------------------------------------------------------------------------------ latent step
@@ -140,8 +143,8 @@ def test_log_ratio_near_the_overflow_is_halved_before_the_sum(monkeypatch):
     kernel used to sum (eps^2 - z^2 + logvar) and halve at the end, giving -inf where the reference
     (halving each term) is finite."""
     g = torch.Generator().manual_seed(3)
-    mu = torch.zeros(64, 3)
-    logvar = torch.full((64, 3), 88.5) + 0.01 * torch.rand(64, 3, generator=g)
+    mu = torch.zeros(64, 3, device=DEVICE)
+    logvar = (torch.full((64, 3), 88.5) + 0.01 * torch.rand(64, 3, generator=g)).to(DEVICE)
     out = _both(mu, logvar, 1, monkeypatch)
     finite = torch.isfinite(out["lr"])
     assert finite.any() and (~finite).any(), "the rows straddle the overflow"
@@ -156,7 +159,7 @@ def _likelihood(impl, x, out, dist, log_scale):
     out = out.clone().requires_grad_(True)
     logp = fastvae.log_likelihood(x, out, dist=dist, log_scale=log_scale, impl=impl)
     dx, dout = torch.autograd.grad(logp.sum(), (x, out))
-    kl = torch.zeros(x.shape[0])
+    kl = torch.zeros(x.shape[0], device=x.device)
     out2 = out.detach().clone().requires_grad_(True)
     loss = fastvae.elbo_loss(x.detach(), out2, kl, dist=dist, log_scale=log_scale, impl=impl)
     (dloss,) = torch.autograd.grad(loss, (out2,))
@@ -190,7 +193,8 @@ LIKELIHOOD_CASES = [
     "dist,x,out,log_scale,expected", [c[1:] for c in LIKELIHOOD_CASES], ids=[c[0] for c in LIKELIHOOD_CASES]
 )
 def test_likelihood_extremes_agree(dist, x, out, log_scale, expected, dtype):
-    out = out.to(dtype)
+    x, out = x.to(DEVICE), out.to(DEVICE, dtype)
+    log_scale = log_scale.to(DEVICE) if isinstance(log_scale, torch.Tensor) else log_scale
     ref = _likelihood("torch", x, out, dist, log_scale)
     fused = _likelihood("triton", x, out, dist, log_scale)
     for name in ref:
@@ -207,8 +211,8 @@ def test_likelihood_extremes_agree(dist, x, out, log_scale, expected, dtype):
 
 def test_bernoulli_large_logits_are_exact():
     """softplus in the stable form: log p = x*l - softplus(l) with no overflow at |l| = 1e4."""
-    x = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
-    logits = torch.tensor([[1e4, 1e4, -1e4, -1e4]])
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0]], device=DEVICE)
+    logits = torch.tensor([[1e4, 1e4, -1e4, -1e4]], device=DEVICE)
     for impl in ("torch", "triton"):
         logp = fastvae.log_likelihood(x, logits, dist="bernoulli", impl=impl)
         assert logp.item() == -2e4  # the two wrong-way terms, -1e4 each; the right-way ones are 0
@@ -222,10 +226,10 @@ def test_iwae_bound_with_extreme_latents_agrees(logvar_value, finite, monkeypatc
     """z (S, B, K) -> out = z @ W -> log p(x|z) (S, B) -> IWAE bound, with its gradient wrt mu, on both
     paths. With logvar = 100 every log-weight is -inf, so the bound is -inf and its gradient NaN."""
     S, B = 3, 2
-    mu = torch.full((B, K), 2.0)
-    logvar = torch.full((B, K), logvar_value)
-    w = torch.linspace(-1.0, 1.0, K * 5).reshape(K, 5) * 1e-16
-    x = torch.rand(B, 5, generator=torch.Generator().manual_seed(0))
+    mu = torch.full((B, K), 2.0, device=DEVICE)
+    logvar = torch.full((B, K), logvar_value, device=DEVICE)
+    w = torch.linspace(-1.0, 1.0, K * 5, device=DEVICE).reshape(K, 5) * 1e-16
+    x = torch.rand(B, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = {}
     for impl in ("torch", "triton"):
         m = mu.clone().requires_grad_(True)

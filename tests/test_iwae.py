@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE
 from torch import nn
 
 from fastvae.model import VAE, iwae_log_likelihood
@@ -100,9 +101,9 @@ def test_iwae_chunks_give_the_bound_of_one_draw():
 
 
 def test_iwae_on_the_fused_latent_kernel_approaches_the_exact_log_likelihood():
-    """The same bound with the Triton latent and likelihood kernels (interpreter on the CPU)."""
+    """The same bound with the Triton latent and likelihood kernels (on the GPU, or the interpreter on the CPU)."""
     model, x, log_px = linear_gaussian(impl="triton")
-    x, log_px = x[:32], log_px[:32]
+    model, x, log_px = model.to(KERNEL_DEVICE), x[:32].to(KERNEL_DEVICE), log_px[:32].to(KERNEL_DEVICE)
     torch.manual_seed(4)
     fused = iwae_log_likelihood(model, x, 400, chunk=200)
     model.impl = "torch"

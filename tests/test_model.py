@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE
 from torch import nn
 
 from fastvae import reference as ref
@@ -183,9 +184,10 @@ def test_iwae_loss_matches_reference_with_same_noise(beta):
 
 @pytest.mark.parametrize(("likelihood", "sigma"), [("gaussian", "learned"), ("bernoulli", 1.0)])
 def test_fused_loss_and_grads_match_reference(likelihood, sigma):
-    """model.loss through the Triton kernels (interpreter on CPU) vs the reference with the kernel's eps."""
-    fused = tiny(likelihood=likelihood, sigma=sigma, impl="triton")
-    x = data()
+    """model.loss through the Triton kernels (on the GPU, or the interpreter on the CPU) vs the reference with
+    the kernel's eps."""
+    fused = tiny(likelihood=likelihood, sigma=sigma, impl="triton").to(KERNEL_DEVICE)
+    x = data().to(KERNEL_DEVICE)
     torch.manual_seed(5)
     loss = fused.loss(x).loss
     grads = torch.autograd.grad(loss, list(fused.parameters()))

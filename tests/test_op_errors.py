@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE
 
 import fastvae
 
@@ -31,7 +32,8 @@ LATENT_ERRORS = [
     (lambda: fastvae.sample_latent(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float16)), TypeError,
      "`logvar` has dtype torch.float16 but `mu` has torch.float32"),
     (lambda: fastvae.sample_latent(*_latent(), impl="cuda"), ValueError, "`impl` must be one of"),
-    (lambda: fastvae.sample_latent(*_latent(dtype=torch.float64), impl="triton"), TypeError,
+    (lambda: fastvae.sample_latent(*(t.to(KERNEL_DEVICE) for t in _latent(dtype=torch.float64)), impl="triton"),
+     TypeError,
      "impl='triton' takes float32, bfloat16 or float16 for `mu`"),
     (lambda: fastvae.sample_latent(torch.zeros(4, 3), torch.zeros(4, 3, device="meta")), ValueError,
      "`logvar` is on meta but `mu` is on cpu"),

@@ -134,10 +134,12 @@ def test_same_settings_given_again_are_accepted(tmp_path):
 
 
 def test_the_ops_flag_given_again_with_the_value_the_run_used_is_accepted(tmp_path):
-    """A CPU run started without --fused/--no-fused used the reference ops, so --no-fused is no change."""
+    """A run started without --fused/--no-fused used the reference ops on the CPU, the fused ones on CUDA: the
+    flag that names those ops is no change."""
     out = tmp_path / "run"
     assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
-    assert train.main(["--resume", str(out), "--no-fused", "--epochs", "2"]) == 0
+    used = "--fused" if torch.cuda.is_available() else "--no-fused"
+    assert train.main(["--resume", str(out), used, "--epochs", "2"]) == 0
 
 
 def test_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
