@@ -166,12 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--overwrite", action="store_true", help="train into an existing non-empty --out (replaces its run files)"
     )
+    out.add_argument(
+        "--pictures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the run's pictures at its end (samples, reconstructions, interpolations, manifold, loss)",
+    )
     reliable = parser.add_argument_group("checkpoints and resume (see docs/training.md)")
     reliable.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its checkpoint.pt; only --epochs, --log-every, "
-        "--checkpoint-every, --device, --data-dir, --download and --stop-after may be given anew",
+        help="continue the run in RUN_DIR from its checkpoint.pt (a completed run: write its missing pictures); "
+        "only --epochs, --log-every, --checkpoint-every, --pictures, --device, --data-dir, --download and "
+        "--stop-after may be given anew",
     )
     reliable.add_argument(
         "--checkpoint-every",
