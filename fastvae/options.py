@@ -113,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset", default="sprites", help="sprites, mnist, fashion-mnist or a .npz/.npy/.pt path"
+        "--dataset", default="sprites", help="sprites, mnist, fashion-mnist, cifar10 or a .npz/.npy/.pt path"
     )
-    data.add_argument("--data-dir", default="data", help="where the MNIST-style IDX files are (or go)")
-    data.add_argument("--download", action="store_true", help="fetch missing MNIST files with torchvision")
+    data.add_argument(
+        "--data-dir", default="data", help="where the MNIST IDX files or the CIFAR-10 batches are (or go)"
+    )
+    data.add_argument(
+        "--download", action="store_true", help="fetch missing MNIST or CIFAR-10 files with torchvision"
+    )
     data.add_argument("--num-train", type=_positive_int, help="use the first N training samples")
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
