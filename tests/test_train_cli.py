@@ -117,7 +117,9 @@ def test_evaluate_reports_elbo_and_iwae_bound(run_dir, capsys):
 
 def test_evaluate_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
-    assert "config.json not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    expected = f"error: {tmp_path / 'checkpoint.pt'} not found: {tmp_path} is not a fastvae run directory"
+    assert err.startswith(expected) and err.count("\n") == 1
 
 
 def test_missing_mnist_files_give_one_clear_line(tmp_path):
