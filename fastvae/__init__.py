@@ -7,7 +7,8 @@ The drop-in ops (see docs/drop-in.md):
     loss = fastvae.elbo_loss(x, out, kl, dist="bernoulli")  # scalar, nats per sample
 
 `impl="auto"` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere.
-`fastvae.VAE` is a ready-made model on top of them; `python -m fastvae.train` trains one.
+`fastvae.VAE` is a ready-made model on top of them; `python -m fastvae.train` trains one, and
+`model, config = fastvae.load_run(RUN_DIR)` loads the trained model back.
 """
 
 from fastvae.functional import (
@@ -19,17 +20,20 @@ from fastvae.functional import (
     sample_latent_iw,
 )
 from fastvae.model import VAE, LossOutput, iwae_log_likelihood
+from fastvae.runs import RunError, load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
     "LossOutput",
+    "RunError",
     "__version__",
     "elbo_loss",
     "elbo_terms",
     "iwae_bound",
     "iwae_log_likelihood",
+    "load_run",
     "log_likelihood",
     "sample_latent",
     "sample_latent_iw",

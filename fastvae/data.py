@@ -1,4 +1,5 @@
-"""Training data: embedded sprites, MNIST / Fashion-MNIST from IDX files, and a user's own tensors.
+"""Training data: embedded sprites, MNIST / Fashion-MNIST from IDX files, CIFAR-10 from its python batches,
+and a user's own tensors.
 
 `load_dataset` returns a `DataSplits` of CPU tensors: images as (N, C, H, W) uint8 in 0..255, vectors as
 (N, D) uint8 or float32 in [0, 1]. `DeviceBatches` puts one split on the device and yields shuffled
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-DATASETS = ("sprites", "mnist", "fashion-mnist")
+DATASETS = ("sprites", "mnist", "fashion-mnist", "cifar10")
 """The named data sets; any other name must be a .npz/.npy/.pt path."""
 
 
@@ -307,6 +308,94 @@ def _load_idx(name: str, data_dir: Path, download: bool) -> DataSplits:
     return DataSplits(train, test, name)
 
 
+# ------------------------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_FOLDER = "cifar-10-batches-py"  # torchvision's layout: DATA_DIR/cifar-10-batches-py/
+CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+_CIFAR10_SHAPE = (3, 32, 32)  # each row of a batch's data: 1024 red, then 1024 green, then 1024 blue values
+# What a CIFAR-10 batch pickle may name: a dict of a numpy array and lists (nothing else is unpickled).
+_CIFAR10_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),  # numpy 1 pickles, as in the published files
+    ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 pickles
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5, numpy 1 and 2
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in a pickle of protocol < 3
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain values only, so a data file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise pickle.UnpicklingError(f"it holds {module}.{name}, which a CIFAR-10 batch does not")
+        return super().find_class(module, name)
+
+
+def _cifar10_dirs(data_dir: Path) -> list[Path]:
+    """Folders searched, torchvision's layout first, then `data_dir` itself."""
+    return [data_dir / CIFAR10_FOLDER, data_dir]
+
+
+def _missing_cifar10(folder: Path) -> list[str]:
+    """The batch files that `folder` lacks."""
+    return [name for batch in CIFAR10_BATCHES.values() for name in batch if not (folder / name).is_file()]
+
+
+def _find_cifar10(data_dir: Path) -> Path | None:
+    """The first folder that holds all six batch files, or None."""
+    return next((d for d in _cifar10_dirs(data_dir) if not _missing_cifar10(d)), None)
+
+
+def _read_cifar10_batch(path: Path) -> torch.Tensor:
+    """One batch file (a pickled dict with b"data": uint8 (N, 3072)) -> (N, 3, 32, 32) uint8."""
+    try:
+        with path.open("rb") as f:
+            batch = _BatchUnpickler(f, encoding="latin1").load()  # latin1: the published files are Python 2's
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"cannot read {path} as a CIFAR-10 batch: {_reason(err)}") from err
+    data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
+    dim = math.prod(_CIFAR10_SHAPE)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != dim:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: expected a dict with 'data', a uint8 array (N, {dim}), got {what}")
+    return torch.from_numpy(data.reshape(len(data), *_CIFAR10_SHAPE).copy())
+
+
+def _download_cifar10(data_dir: Path) -> None:
+    """Fetch and unpack the batches into data_dir/cifar-10-batches-py through torchvision."""
+    import torchvision.datasets
+
+    try:
+        torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
+    except Exception as err:  # URLError, RuntimeError on a bad checksum, OSError: all mean "no files"
+        raise DataError(
+            f"downloading cifar10 into {data_dir} failed ({type(err).__name__}: {err}). Without network "
+            f"access, unpack cifar-10-python.tar.gz into {data_dir} (it makes {data_dir / CIFAR10_FOLDER})."
+        ) from err
+
+
+def _load_cifar10(data_dir: Path, download: bool) -> DataSplits:
+    folder = _find_cifar10(data_dir)
+    if folder is None and download:
+        _download_cifar10(data_dir)
+        folder = _find_cifar10(data_dir)
+    if folder is None:
+        raise DataError(
+            "cifar10 batches not found. Looked in:\n"
+            + "".join(f"  {d}, which lacks {', '.join(_missing_cifar10(d))}\n" for d in _cifar10_dirs(data_dir))
+            + "Pass --download to fetch them with torchvision, or unpack the CIFAR-10 python version "
+            f"(cifar-10-python.tar.gz) into {data_dir}."
+        )
+    splits = {
+        split: torch.cat([_read_cifar10_batch(folder / name) for name in names])
+        for split, names in CIFAR10_BATCHES.items()
+    }
+    return DataSplits(splits["train"], splits["test"], "cifar10")
+
+
 # ---------------------------------------------------------------------------------------- user tensors
 
 _USER_SUFFIXES = (".npz", ".npy", ".pt")
@@ -491,11 +580,13 @@ def load_dataset(
     name: 'sprites' (rendered here, no files; `num_train`/`num_test` default to 60000/10000, `image_size` is
     its side in pixels and `seed` picks the images, train and test from separate streams), 'mnist' or
     'fashion-mnist' (IDX files in `data_dir/MNIST/raw`, `data_dir/FashionMNIST/raw` or `data_dir`, gzipped or
-    not; `download=True` fetches missing ones with torchvision), or a path ending .npz/.npy/.pt holding a
-    user's (N, D), (N, H, W) or (N, C, H, W) array (in a .npz: the one named x, images or data, or the only
-    one; in a .pt: a tensor or a dict with one of those keys), uint8 0..255 (or other integers in that
-    range, or bool) or finite floats in [0, 1], with N >= 2 and no empty dimension; after a shuffle seeded
-    by `seed`, its last ceil(N * test_fraction) samples are the test split.
+    not; `download=True` fetches missing ones with torchvision), 'cifar10' (the python batches
+    data_batch_1..5 and test_batch in `data_dir/cifar-10-batches-py` or `data_dir`, as torchvision unpacks
+    them: 50000 train and 10000 test (3, 32, 32) images; `download=True` fetches them with torchvision), or
+    a path ending .npz/.npy/.pt holding a user's (N, D), (N, H, W) or (N, C, H, W) array (in a .npz: the one
+    named x, images or data, or the only one; in a .pt: a tensor or a dict with one of those keys), uint8
+    0..255 (or other integers in that range, or bool) or finite floats in [0, 1], with N >= 2 and no empty
+    dimension; after a shuffle seeded by `seed`, its last ceil(N * test_fraction) samples are the test split.
     `num_train`/`num_test` keep the first n samples of each split (for sprites: render n).
     `image_size` only applies to sprites; `test_fraction` only to a user's file.
     Returns images as (N, C, H, W) uint8, vectors as (N, D) uint8 or float32. Raises DataError.
@@ -509,6 +600,8 @@ def load_dataset(
         )
     if name in _TORCHVISION:
         splits = _load_idx(name, Path(data_dir), download)
+    elif name == "cifar10":
+        splits = _load_cifar10(Path(data_dir), download)
     elif name.lower().endswith(_USER_SUFFIXES):
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be between 0 and 1, got {test_fraction}")

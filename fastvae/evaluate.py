@@ -1,6 +1,6 @@
 """Evaluate a training run: `python -m fastvae.evaluate RUN_DIR [--iw-samples K]`.
 
-Rebuilds the data and the model from RUN_DIR/config.json and RUN_DIR/checkpoint.pt, then reports on
+Loads the model and its config with `fastvae.load_run(RUN_DIR)` and the data again, then reports on
 the test split, in nats per sample with standard errors over the test samples: the ELBO (one draw of
 z per sample, analytic KL) and the importance-weighted bound log p(x) >= IWAE_K. Writes
 RUN_DIR/eval.json. The ops run with impl "auto": the fused Triton kernels on CUDA.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,8 @@ from rich.table import Table
 
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.model import VAE, iwae_log_likelihood
-from fastvae.options import ConfigError, build_model, resolve_device
+from fastvae.options import ConfigError, resolve_device
+from fastvae.runs import RunError, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
     return parser
-
-
-def load_run(run_dir: Path, device: torch.device) -> tuple[dict[str, Any], VAE]:
-    """The run's config and its trained model (ops on impl "auto"), on `device`."""
-    config_path, checkpoint_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    for path in (config_path, checkpoint_path):
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: RUN_DIR must be a directory written by fastvae.train")
-    config = json.loads(config_path.read_text())
-    model = build_model({**config, "impl": "auto"})
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"cannot load the model from {checkpoint_path}: {err}") from None
-    return config, model.to(device).eval()
 
 
 def mean_and_se(values: torch.Tensor) -> dict[str, float]:
@@ -83,7 +67,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    config, model = load_run(args.run_dir, device)
+    model, config = load_run(args.run_dir, device)
     num_test = args.num_test if args.num_test is not None else config["num_test"]
     # The test split does not depend on num_train: load a single training sample.
     splits = load_dataset(
@@ -134,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         results = evaluate(args)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     (args.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,26 +1,30 @@
-"""Pictures of a run: image grids (torchvision) and a small line chart drawn with PIL (no matplotlib)."""
+"""Pictures of a model as image grids (torchvision): images, their reconstructions, and decoded walks through
+the latent space (interpolations between encodings, and the 2-D manifold over the prior's quantiles)."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import save_image
 
+from fastvae.checkpoint import atomic_write
+from fastvae.model import VAE
+
 GRID_PADDING = 2  # pixels between and around the images of a grid: an n-column grid is n*(W+2)+2 wide
-_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+PAD_VALUE = 0.5  # mid grey between the images, so that each one's frame shows on black backgrounds
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
     """Save (N, C, H, W) images with values in [0, 1] (clamped) as a grid with `nrow` images per row.
 
-    C is 1 (grey) or 3 (RGB). The PNG is nrow*(W+2)+2 by ceil(N/nrow)*(H+2)+2 pixels.
+    C is 1 (grey) or 3 (RGB). The PNG is nrow*(W+2)+2 by ceil(N/nrow)*(H+2)+2 pixels, written atomically.
     """
-    save_image(images.detach().float().clamp(0.0, 1.0).cpu(), path, nrow=nrow, padding=GRID_PADDING)
+    images = images.detach().float().clamp(0.0, 1.0).cpu()
+    atomic_write(
+        path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=GRID_PADDING, pad_value=PAD_VALUE)
+    )
 
 
 def save_reconstructions(originals: Tensor, reconstructions: Tensor, path: str | os.PathLike) -> None:
@@ -31,79 +35,39 @@ def save_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
     save_grid(torch.cat([originals.float().cpu(), reconstructions.float().cpu()]), path, nrow=len(originals))
 
 
-def _axis(values: Sequence[float], count: int = 6) -> tuple[float, float, list[float]]:
-    """The axis range (the data range plus 3% each side) and about `count` round ticks inside it."""
-    lo, hi = min(values), max(values)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = 0.03 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / count
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(lo / step) * step
-    return lo, hi, [first + i * step for i in range(int((hi - first) / step) + 1)]
+def _decoded(model: VAE, z: Tensor) -> Tensor:
+    """z (..., K) -> the decoded images (prod(...), *data_shape) in data space, float32."""
+    return model.to_data_space(model.decode(z)).reshape(-1, *model.data_shape)
 
 
-def _label(value: float) -> str:
-    return f"{value:.4g}"
+@torch.no_grad()
+def interpolations(model: VAE, x: Tensor, steps: int = 10) -> Tensor:
+    """Decoded linear interpolations between the encodings (posterior means) of pairs of samples.
 
-
-def plot_lines(
-    series: Mapping[str, Sequence[tuple[float, float]]],
-    path: str | os.PathLike,
-    *,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    size: tuple[int, int] = (720, 440),
-) -> None:
-    """Draw each named series of (x, y) points as a line (a dot when it has one point) into a PNG.
-
-    Axes with round ticks, a legend in the bottom-right corner of the plot, the title and the axis labels.
-    Empty series are listed in the legend but not drawn; with no points at all the axes span [0, 1].
+    x: (2P, D) or (2P, *data_shape) on the model's device, values in [0, 1]. Row i of the result goes from
+    x[2i]'s encoding to x[2i+1]'s in `steps` equal steps (both ends included, so its first and last images
+    are their reconstructions). Returns (P * steps, *data_shape) float32, row-major: a grid of `steps` columns.
     """
-    font = ImageFont.load_default()
-    width, height = size
-    left, right, top, bottom = 80, 20, 36, 56
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = [p for pts in series.values() for p in pts]
-    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
-    (x0, x1, x_ticks), (y0, y1, y_ticks) = _axis(xs), _axis(ys)
+    if len(x) < 2 or len(x) % 2 or steps < 2:
+        raise ValueError(f"need an even number >= 2 of samples and steps >= 2, got {len(x)} and {steps}")
+    mu, _ = model.encode(x)
+    start, end = mu[0::2, None], mu[1::2, None]  # (P, 1, K)
+    t = torch.linspace(0.0, 1.0, steps, device=mu.device, dtype=mu.dtype)[None, :, None]  # (1, steps, 1)
+    return _decoded(model, start + t * (end - start))
 
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x0) / (x1 - x0) * (width - left - right)
-        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-        return px, py
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for x in x_ticks:
-        px, py = to_pixel(x, y0)
-        draw.line([px, py, px, py + 5], fill="black")
-        draw.text((px, py + 8), _label(x), fill="black", font=font, anchor="mt")
-    for y in y_ticks:
-        px, py = to_pixel(x0, y)
-        draw.line([px - 5, py, px, py], fill="black")
-        draw.line([px + 1, py, width - right - 1, py], fill=(230, 230, 230))
-        draw.text((px - 8, py), _label(y), fill="black", font=font, anchor="rm")
-    for i, pts in enumerate(series.values()):
-        colour = _COLOURS[i % len(_COLOURS)]
-        pixels = [to_pixel(x, y) for x, y in sorted(pts)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels if len(pixels) == 1 else ():
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    lx, ly = width - right - 164, height - bottom - 8 - 16 * len(series)  # bottom right: rising curves
-    draw.rectangle([lx, ly - 4, width - right - 4, height - bottom - 4], fill="white", outline="grey")
-    for i, name in enumerate(series):
-        colour = _COLOURS[i % len(_COLOURS)]
-        y = ly + 6 + 16 * i
-        draw.line([lx + 6, y, lx + 26, y], fill=colour, width=3)
-        draw.text((lx + 32, y), name, fill="black", font=font, anchor="lm")
-    draw.text((width / 2, 18), title, fill="black", font=font, anchor="mm")
-    draw.text(((left + width - right) / 2, height - 18), xlabel, fill="black", font=font, anchor="mm")
-    vertical = Image.new("RGB", (height, 20), "white")
-    ImageDraw.Draw(vertical).text((height / 2, 10), ylabel, fill="black", font=font, anchor="mm")
-    image.paste(vertical.rotate(90, expand=True), (4, 0))
-    image.save(path)
+@torch.no_grad()
+def latent_manifold(model: VAE, n: int = 20) -> Tensor:
+    """The decoded n x n grid over a 2-D latent space at the prior's quantiles (Kingma and Welling, 2014, fig. 4).
+
+    Image (i, j) decodes z = (Phi^-1(u_j), Phi^-1(u_n-1-i)), u_k = (k + 0.5) / n, Phi the standard normal CDF:
+    z1 grows to the right and z2 upwards, each over the central (1 - 1/n) of the prior's mass. Needs
+    latent_dim 2. Returns (n * n, *data_shape) float32, row-major: a grid of n columns.
+    """
+    if model.latent_dim != 2:
+        raise ValueError(f"the latent manifold needs latent_dim 2, got {model.latent_dim}")
+    param = next(model.parameters())
+    u = (torch.arange(n, device=param.device, dtype=torch.float64) + 0.5) / n
+    q = torch.special.ndtri(u).to(torch.float32 if model.arch == "custom" else param.dtype)
+    z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # (n, n): z1 varies along a row, z2 down the columns
+    return _decoded(model, torch.stack([z1, z2], dim=-1))

@@ -133,6 +133,18 @@ def _hidden(value: object) -> tuple[int, ...]:
 # 1/sigma^2 must be a finite float32 for the Gaussian log-density: sigma >= ~5.4e-20.
 _MIN_SIGMA = 1e-19
 
+LOG_SCALE_FLOOR = -6.0
+"""The lowest log sigma of a learned Gaussian scale: sigma = e^-6 = 0.0025, under one grey level (1/255) of
+images in [0, 1]. docs/maths.md gives the reasons for the value."""
+
+
+def floored_log_scale(raw: Tensor) -> Tensor:
+    """The log sigma that a learned `log_scale` parameter `raw` stands for, shaped like it:
+    LOG_SCALE_FLOOR + softplus(raw - LOG_SCALE_FLOOR), a soft floor as in the sigma-VAE paper. It never goes
+    below the floor, equals `raw` to within log(1 + exp(LOG_SCALE_FLOOR - raw)) (0.0025 at raw = 0), and its
+    gradient sigmoid(raw - LOG_SCALE_FLOOR) stays positive, so a scale that reached the floor can rise again."""
+    return LOG_SCALE_FLOOR + nn.functional.softplus(raw - LOG_SCALE_FLOOR)
+
 
 def _sigma(value: object, likelihood: str) -> float | str:
     if value == "learned":
@@ -171,7 +183,8 @@ class VAE(nn.Module):
     encoder, decoder: your own modules instead of `arch` (both or neither; see the module docstring).
     likelihood: "gaussian" (the decoder gives the mean) or "bernoulli" (the decoder gives logits).
     sigma: the Gaussian's standard deviation: a fixed finite float >= 1e-19 (1.0, the default, is unit
-    variance) or "learned": a per-dimension log-scale parameter `log_scale` of shape (D,), init 0.
+    variance) or "learned": a per-dimension parameter `log_scale` of shape (D,), init 0, which the likelihood
+    uses as log sigma = floored_log_scale(log_scale) >= LOG_SCALE_FLOOR (-6).
     beta: the default weight of the KL term in `loss`, finite and >= 0. impl: "auto", "triton" or
     "torch", passed to every op ("auto" runs the Triton kernels on CUDA tensors).
     """
@@ -256,9 +269,10 @@ class VAE(nn.Module):
     # -------------------------------------------------------------------------------------- the model
 
     def _log_scale_arg(self) -> Tensor | float | None:
-        """The `log_scale` argument of the likelihood ops: the parameter, log(sigma), or None (sigma 1)."""
+        """The `log_scale` argument of the likelihood ops: the learned parameter above its floor, log(sigma),
+        or None (sigma 1)."""
         if self.log_scale is not None:
-            return self.log_scale
+            return floored_log_scale(self.log_scale)
         if self.likelihood == "gaussian" and self.sigma != 1.0:
             return math.log(self.sigma)
         return None

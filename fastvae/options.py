@@ -113,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset", default="sprites", help="sprites, mnist, fashion-mnist or a .npz/.npy/.pt path"
+        "--dataset", default="sprites", help="sprites, mnist, fashion-mnist, cifar10 or a .npz/.npy/.pt path"
     )
-    data.add_argument("--data-dir", default="data", help="where the MNIST-style IDX files are (or go)")
-    data.add_argument("--download", action="store_true", help="fetch missing MNIST files with torchvision")
+    data.add_argument(
+        "--data-dir", default="data", help="where the MNIST IDX files or the CIFAR-10 batches are (or go)"
+    )
+    data.add_argument(
+        "--download", action="store_true", help="fetch missing MNIST or CIFAR-10 files with torchvision"
+    )
     data.add_argument("--num-train", type=_positive_int, help="use the first N training samples")
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
@@ -166,12 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--overwrite", action="store_true", help="train into an existing non-empty --out (replaces its run files)"
     )
+    out.add_argument(
+        "--pictures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the run's pictures at its end (samples, reconstructions, interpolations, manifold, loss)",
+    )
     reliable = parser.add_argument_group("checkpoints and resume (see docs/training.md)")
     reliable.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its checkpoint.pt; only --epochs, --log-every, "
-        "--checkpoint-every, --device, --data-dir, --download and --stop-after may be given anew",
+        help="continue the run in RUN_DIR from its checkpoint.pt (a completed run: write its missing pictures); "
+        "only --epochs, --log-every, --checkpoint-every, --pictures, --device, --data-dir, --download and "
+        "--stop-after may be given anew",
     )
     reliable.add_argument(
         "--checkpoint-every",

@@ -4,7 +4,8 @@ run's settings, config and metrics.
 A run directory holds RUN_FILES: config.json, metrics.jsonl (a JSON row per statistics reading and
 per evaluation), checkpoint.pt, the PICTURES, and eval.json from `fastvae.evaluate`. A resumed run keeps
 its settings but RESUME_MAY_CHANGE, its data (checked by shape and fingerprint) and the metrics its
-checkpoint knows of.
+checkpoint knows of. A completed run (every epoch done) can be resumed too: it trains nothing more, and
+`fastvae.train` writes the final pictures that are missing.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from fastvae import checkpoint as ckpt
 from fastvae.data import DataSplits
 from fastvae.options import ConfigError
 
-PICTURES = ("samples.png", "reconstructions.png", "loss.png")
+PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png", "loss.png")  # pictures.py
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", *PICTURES, "eval.json")
 
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.
-RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "device", "data_dir", "download")
+RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "pictures", "device", "data_dir", "download")
 # Settings of one invocation, never taken over from the run being resumed.
 PER_INVOCATION = ("resume", "overwrite", "stop_after", "out")
 _FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
@@ -44,7 +45,10 @@ def _comparable(dest: str, value: Any) -> Any:
 def resume_settings(
     args: argparse.Namespace, explicit: set[str]
 ) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
-    """--resume RUN_DIR: the run's settings with the allowed changes, its checkpoint and its config."""
+    """--resume RUN_DIR: the run's settings with the allowed changes, its checkpoint and its config.
+
+    A completed run passes when --epochs is left out or equal to its epochs (it finishes: nothing to train).
+    """
     run_dir = Path(args.resume)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
@@ -71,12 +75,13 @@ def resume_settings(
     )
     settings.update({d: getattr(args, d) for d in RESUME_MAY_CHANGE if d in explicit})
     settings["out"] = str(run_dir)
-    if settings.get("checkpoint_every") is None:
-        settings["checkpoint_every"] = 0
-    if settings["epochs"] <= state["epoch"]:
+    for dest, default in (("checkpoint_every", 0), ("pictures", True)):  # runs from before these options
+        if settings.get(dest) is None:
+            settings[dest] = default
+    if settings["epochs"] < state["epoch"]:
         raise ConfigError(
-            f"--resume {run_dir}: the run has completed {state['epoch']} of --epochs {settings['epochs']}; "
-            f"pass a larger --epochs to train further"
+            f"--resume {run_dir}: the run has completed {state['epoch']} epochs, more than --epochs "
+            f"{settings['epochs']}; leave out --epochs to finish the run, or pass a larger one to train further"
         )
     if args.stop_after is not None and args.stop_after <= state["step"]:
         raise ConfigError(f"--stop-after {args.stop_after}: the run is at step {state['step']} already")

@@ -3,13 +3,14 @@
 The whole data set lives on the device; the hot loop keeps running sums of the statistics and of the
 gradient norm there and reads them (one host synchronisation) every `--log-every` steps; a non-finite
 sum stops the run with a diagnosis of the first bad step (exit code 3). RUN_DIR (`--out`) receives
-config.json, metrics.jsonl, checkpoint.pt, samples.png, reconstructions.png and loss.png. All
-statistics are in nats per sample.
+config.json, metrics.jsonl, checkpoint.pt and, at the end, the pictures of fastvae.pictures (unless
+--no-pictures). All statistics are in nats per sample.
 
 Reliability (docs/training.md): checkpoint.pt is written atomically at each epoch end, every
 `--checkpoint-every` steps, on SIGINT/SIGTERM and at `--stop-after`; `--resume RUN_DIR` continues a
-run exactly (bitwise on the CPU). Exit codes: 0 done (or stopped by --stop-after), 2 bad options,
-data or checkpoint, 3 non-finite training, 130 SIGINT, 143 SIGTERM.
+run exactly (bitwise on the CPU), and on a completed run draws the pictures that are missing. Exit
+codes: 0 done (or stopped by --stop-after), 2 bad options, data or checkpoint, 3 non-finite training,
+130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from fastvae import checkpoint as ckpt
 from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset
 from fastvae.distributed import DistributedContext, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
-from fastvae.images import plot_lines, save_grid, save_reconstructions
 from fastvae.options import (
     ConfigError,
     build_model,
@@ -47,8 +47,8 @@ from fastvae.options import (
     resolve_device,
     resolve_impl,
 )
+from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
-    PICTURES,
     clear_run_files,
     data_fingerprint,
     prepare_out_dir,
@@ -64,6 +64,14 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 class TrainingDiverged(Exception):
     """The diagnosis of a non-finite step, printed as is: exit code 3."""
+
+
+class PicturesInterrupted(Exception):
+    """A SIGINT or SIGTERM while the final pictures were drawn: the message is printed, exit code 130 or 143."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class RunStopped(Exception):  # noqa: N818 (a normal outcome, not an error)
@@ -130,32 +138,6 @@ def run_epochs(trainer: Trainer, console: Console, start_epoch: int = 0, start_p
                 )
             if trainer.should_stop() and epoch + 1 < epochs:
                 raise _stopped(trainer)
-
-
-def write_pictures(trainer: Trainer, splits: DataSplits, out_dir: Path) -> list[str]:
-    """samples.png and reconstructions.png for image data, and loss.png; returns what was skipped."""
-    model, shape = trainer.model, splits.sample_shape
-    model.eval()
-    skipped = []
-    if len(shape) == 3 and shape[0] in (1, 3):
-        save_grid(model.sample(64), out_dir / "samples.png", nrow=8)
-        originals = splits.test[:8].to(trainer.device)
-        originals = originals.float() / 255 if originals.dtype == torch.uint8 else originals.float()
-        save_reconstructions(originals, model.reconstruct(originals), out_dir / "reconstructions.png")
-    else:
-        skipped = [f"samples.png, reconstructions.png: the data are not images (sample shape {shape})"]
-    series = {
-        "train ELBO": [(r["step"], r["elbo"]) for r in trainer.history if r["kind"] == "train"],
-        "test ELBO": [(r["step"], r["test_elbo"]) for r in trainer.history if r["kind"] == "eval"],
-    }
-    plot_lines(
-        series,
-        out_dir / "loss.png",
-        title="ELBO during training",
-        xlabel="step",
-        ylabel="ELBO (nats per sample)",
-    )
-    return skipped
 
 
 def _ops_name(config: dict[str, Any]) -> str:
@@ -289,55 +271,111 @@ def _train(
         if ctx.is_main:  # rank 0 writes the run directory
             trainer.history = restore_metrics(out_dir / "metrics.jsonl", state["metrics_rows"])
         trainer.last = {row["kind"]: row for row in trainer.history}
+    completed = state is not None and start_epoch >= config["epochs"]  # resumed with every epoch done
     if ctx.is_main:
         if state is None:
             clear_run_files(out_dir)  # --overwrite: only now that the data and the settings have passed
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", config)
-    console.print(
-        f"Training on {splits.name} {tuple(splits.sample_shape)}: {len(splits.train)} train, "
-        f"{len(splits.test)} test samples; {device}, {_ops_name(config)}. Run directory: {out_dir}"
-        + (f"; {ctx.world_size} processes, global batch {args.batch_size}" if ctx.is_distributed else ""),
-        soft_wrap=True, markup=False,
-    )
-    if state is not None:
-        console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
+        if not completed:
+            write_json(out_dir / "config.json", config)
     launcher = "torchrun [the same torchrun options]" if ctx.is_distributed else "python"
     resume_command = f"{launcher} -m fastvae.train --resume {shlex.quote(str(out_dir))}"
-    metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
-    with open(metrics_path, "a" if state else "w") as metrics:
-        trainer.metrics = metrics
-        try:
-            with _signals_to(trainer.on_signal):
-                run_epochs(trainer, console, start_epoch, start_position)
-        except NonFiniteError:
-            raise TrainingDiverged(trainer.diagnose()) from None
-        except RunStopped:
-            reason = (
-                f"Interrupted by {signal.Signals(trainer.stop_signal).name}"
-                if trainer.stop_signal is not None
-                else "Stopped (--stop-after)"
-            )
-            console.print(
-                f"{reason} after step {trainer.step}; checkpoint written to {trainer.checkpoint_path}.",
-                soft_wrap=True,
-                markup=False,
-            )
-            console.print(f"Resume with: {resume_command}", soft_wrap=True, markup=False)
-            raise
-        except ImmediateExit as err:
-            err.args = (f"{trainer.checkpoint_text()} Resume with: {resume_command}",)
-            raise
-    if not ctx.is_main:
-        return out_dir
-    skipped = write_pictures(trainer, splits, out_dir)
-    console.print(summary_table(trainer))
-    drawn = [str(out_dir / name) for name in PICTURES if (out_dir / name).exists()]
-    console.print("Pictures: " + ", ".join(drawn), soft_wrap=True, markup=False)  # paths stay whole
-    for reason in skipped:
-        console.print(f"Skipped {reason}")
-    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
+    if completed:
+        console.print(
+            f"The run in {out_dir} has completed its {config['epochs']} epochs (step {trainer.step}): "
+            "nothing to train. Writing its missing final files.",
+            soft_wrap=True, markup=False,
+        )
+    else:
+        console.print(
+            f"Training on {splits.name} {tuple(splits.sample_shape)}: {len(splits.train)} train, "
+            f"{len(splits.test)} test samples; {device}, {_ops_name(config)}. Run directory: {out_dir}"
+            + (f"; {ctx.world_size} processes, global batch {args.batch_size}" if ctx.is_distributed else ""),
+            soft_wrap=True, markup=False,
+        )
+        if state is not None:
+            console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
+        metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
+        with open(metrics_path, "a" if state else "w") as metrics:
+            trainer.metrics = metrics
+            _train_epochs(trainer, console, start_epoch, start_position, resume_command)
+    if ctx.is_main:
+        finish_run(trainer, splits, out_dir, console, args.pictures, completed, resume_command)
     return out_dir
+
+
+def _train_epochs(
+    trainer: Trainer, console: Console, start_epoch: int, start_position: int, resume_command: str
+) -> None:
+    """`run_epochs` with SIGINT and SIGTERM routed to the trainer; prints how to resume a stopped run and
+    raises TrainingDiverged (with the diagnosis), RunStopped or ImmediateExit (with the resume command)."""
+    try:
+        with _signals_to(trainer.on_signal):
+            run_epochs(trainer, console, start_epoch, start_position)
+    except NonFiniteError:
+        raise TrainingDiverged(trainer.diagnose()) from None
+    except RunStopped:
+        reason = (
+            f"Interrupted by {signal.Signals(trainer.stop_signal).name}"
+            if trainer.stop_signal is not None
+            else "Stopped (--stop-after)"
+        )
+        console.print(
+            f"{reason} after step {trainer.step}; checkpoint written to {trainer.checkpoint_path}.",
+            soft_wrap=True,
+            markup=False,
+        )
+        console.print(f"Resume with: {resume_command}", soft_wrap=True, markup=False)
+        raise
+    except ImmediateExit as err:
+        err.args = (f"{trainer.checkpoint_text()} Resume with: {resume_command}",)
+        raise
+
+
+def finish_run(
+    trainer: Trainer,
+    splits: DataSplits,
+    out_dir: Path,
+    console: Console,
+    pictures: bool,
+    only_missing: bool,
+    resume_command: str,
+) -> None:
+    """The end of a run, on rank 0, after its last checkpoint: draw its pictures (with `only_missing`, those
+    not in `out_dir`; none without `pictures`), print the summary table and what was written.
+
+    A SIGINT or SIGTERM while the pictures are drawn raises PicturesInterrupted: the pictures already drawn
+    are whole (each is written atomically), and `resume_command` draws the others.
+    """
+    names, skipped = pictures_of(splits.sample_shape, trainer.model.latent_dim, len(splits.test))
+    if not pictures:
+        names, skipped = [], []
+    elif only_missing:
+        names = [name for name in names if not (out_dir / name).is_file()]
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise PicturesInterrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} while drawing the pictures; the training is complete "
+            f"and saved (step {trainer.step}). Write the missing pictures with: {resume_command}",
+        )
+
+    with _signals_to(interrupted):
+        drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history), out_dir)
+    console.print(summary_table(trainer))
+    paths = ", ".join(str(path) for path in drawn)
+    if not pictures:
+        console.print("Pictures: none (--no-pictures)")
+    elif only_missing:
+        console.print(
+            f"Wrote the summary above and the missing pictures: {paths}" if drawn else "No picture was missing.",
+            soft_wrap=True, markup=False,  # paths stay whole
+        )
+    else:
+        console.print(f"Pictures: {paths}", soft_wrap=True, markup=False)
+    for reason in skipped:
+        console.print(f"Skipped {reason}", soft_wrap=True, markup=False)
+    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NONFINITE
     except RunStopped as stop:
         return stop.code
+    except PicturesInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return SIGNAL_EXIT[err.signum]
     except ImmediateExit as err:
         name = signal.Signals(err.signum).name
         print(f"error: stopped at once by a second {name}, without saving. {err.args[0]}", file=sys.stderr)

@@ -46,10 +46,17 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_run_writes_every_artefact(run_dir):
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "reconstructions.png", "loss.png"):
+    pictures = ("samples.png", "reconstructions.png", "interpolations.png", "loss.png")
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", *pictures):
         assert (run_dir / name).stat().st_size > 0, name
-    sizes = {"samples.png": (8 * 30 + 2, 8 * 30 + 2), "reconstructions.png": (8 * 30 + 2, 2 * 30 + 2)}
-    for name, size in sizes.items():  # an 8x8 grid of 28x28 images; originals above reconstructions
+    assert not (run_dir / "manifold.png").exists()  # latent dim 4, not 2
+    sizes = {
+        "samples.png": (8 * 30 + 2, 8 * 30 + 2),  # an 8x8 grid of 28x28 images
+        "reconstructions.png": (8 * 30 + 2, 2 * 30 + 2),  # originals above reconstructions
+        "interpolations.png": (10 * 30 + 2, 8 * 30 + 2),  # 8 pairs, 10 steps each
+        "loss.png": (720, 540),
+    }
+    for name, size in sizes.items():
         with Image.open(run_dir / name) as image:
             assert image.size == size, name
     with Image.open(run_dir / "loss.png") as image:
@@ -110,7 +117,9 @@ def test_evaluate_reports_elbo_and_iwae_bound(run_dir, capsys):
 
 def test_evaluate_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
-    assert "config.json not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    expected = f"error: {tmp_path / 'checkpoint.pt'} not found: {tmp_path} is not a fastvae run directory"
+    assert err.startswith(expected) and err.count("\n") == 1
 
 
 def test_missing_mnist_files_give_one_clear_line(tmp_path):
