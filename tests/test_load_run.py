@@ -52,11 +52,11 @@ def _truncated(run_dir, tmp_path):
     return out
 
 
-def _version_2(run_dir, tmp_path):
-    out = tmp_path / "v2"
+def _next_version(run_dir, tmp_path):
+    out = tmp_path / "next"
     out.mkdir()
     state = checkpoint.load(run_dir / "checkpoint.pt")
-    torch.save({**state, "version": 2}, out / "checkpoint.pt")
+    torch.save({**state, "version": checkpoint.FORMAT_VERSION + 1}, out / "checkpoint.pt")
     return out
 
 
@@ -67,7 +67,11 @@ def _version_2(run_dir, tmp_path):
         (lambda run, tmp: run / "config.json", r"config\.json is a file, not a run directory"),
         (lambda run, tmp: tmp, r"checkpoint\.pt not found: .* is not a fastvae run directory"),
         (_truncated, r"checkpoint\.pt is truncated or corrupt"),
-        (_version_2, r"checkpoint\.pt has checkpoint format version 2; this fastvae reads version 1"),
+        (
+            _next_version,
+            rf"checkpoint\.pt has checkpoint format version {checkpoint.FORMAT_VERSION + 1}; "
+            rf"this fastvae reads version {checkpoint.FORMAT_VERSION}",
+        ),
         (
             lambda run, tmp: _checkpoint_with(run, tmp, lambda s: s["config"].pop("latent_dim")),
             r"checkpoint\.pt: its config has no 'latent_dim' setting \(written by fastvae 0\.1\.0, this is 0\.1\.0\)",
