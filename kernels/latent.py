@@ -1,7 +1,8 @@
 """Triton kernels of the latent step: reparameterised sample, analytic KL and log-ratio in one pass.
 
 Forward, one launch: read mu and logvar (B, K), draw eps ~ N(0, I) in-kernel with Philox
-(`tl.randn(seed, counter)`), write z (S, B, K), kl (B,) and log p(z) - log q(z|x) (S, B).
+(`_noise`: `tl.randint4x(seed, counter)` and a Box-Muller transform without trigonometric functions),
+write z (S, B, K), kl (B,) and log p(z) - log q(z|x) (S, B).
 Backward, one launch: regenerate the same eps from the same seed and counters and write
 dmu, dlogvar (B, K). No eps tensor is kept between the two.
 
@@ -27,10 +28,33 @@ def _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER: tl.constexpr):
 
     The counter is the flat index of the element in z (S, B, K).
     """
-    counter = (sample_row0 + rows[:, None]) * K + cols[None, :]
-    if not WIDE_COUNTER:
-        counter = counter.to(tl.int32)
-    return tl.randn(seed, counter)
+    if WIDE_COUNTER:
+        counter = (sample_row0 + rows[:, None]) * K + cols[None, :]
+    else:  # S*B*K < 2^31: int32 arithmetic, half the registers of int64
+        counter = (sample_row0 + rows).to(tl.int32)[:, None] * K + cols.to(tl.int32)[None, :]
+    bits_radius, bits_angle, _, _ = tl.randint4x(seed, counter)
+    return _box_muller(bits_radius, bits_angle)
+
+
+@triton.jit
+def _box_muller(bits_radius, bits_angle):
+    """One standard normal r*cos(theta) from two uniform uint32 blocks, without a trigonometric function.
+
+    r = sqrt(-2 log u) with u = (bits_radius + 1/2) / 2^32 in (0, 1]. theta is uniform on the circle: the top
+    two bits of bits_angle pick a quadrant q, the other 30 an angle phi uniform in [-pi/4, pi/4), and
+    theta = q*pi/2 + phi, so cos(theta) is cos(phi), -sin(phi), -cos(phi) or sin(phi) for q = 0..3. sin and
+    cos on [-pi/4, pi/4] are Cephes' sinf/cosf polynomials (error ~1e-7): no range reduction, hence none of
+    libdevice's slow path (a local-memory array and a table in global memory).
+    """
+    u = (bits_radius.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+    r = tl.sqrt(-2.0 * tl.log(u))
+    quadrant = bits_angle >> 30
+    phi = ((bits_angle & 0x3FFFFFFF).to(tl.float32) * 9.313225746154785e-10 - 0.5) * 1.5707963267948966
+    p2 = phi * phi
+    sin = phi + phi * p2 * ((-1.9515295891e-4 * p2 + 8.3321608736e-3) * p2 - 1.6666654611e-1)
+    cos = 1.0 - 0.5 * p2 + p2 * p2 * ((2.443315711809948e-5 * p2 - 1.388731625493765e-3) * p2 + 4.166664568298827e-2)
+    r_cos = r * tl.where((quadrant & 1) == 0, cos, sin)
+    return tl.where((quadrant == 1) | (quadrant == 2), -r_cos, r_cos)
 
 
 @triton.jit
