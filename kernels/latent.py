@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, next_power_of_2, num_warps_for
+from .launch import INTERPRET, gpu_tile, next_power_of_2
 
 
 @triton.jit
@@ -136,11 +136,14 @@ def _latent_bwd_kernel(
     tl.store(dlv_ptr + out_offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(B: int, K: int) -> tuple[int, int]:
-    block_k = min(next_power_of_2(K), 128 if not INTERPRET else 1024)
-    tile = 4096 if not INTERPRET else 16384
-    block_b = max(1, min(next_power_of_2(B), tile // block_k))
-    return block_b, block_k
+def _blocks(B: int, K: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_K, num_warps) for mu (B, K) of `itemsize`-byte values: `gpu_tile` with BLOCK_K <= 128.
+    Every value a thread holds carries its own Philox state through 10 rounds, so registers grow with values
+    per thread (16 fp32, the first choice, took up to 255)."""
+    if INTERPRET:
+        block_k = min(next_power_of_2(K), 1024)
+        return max(1, min(next_power_of_2(B), 16384 // block_k)), block_k, 4
+    return gpu_tile(B, K, itemsize, 128)
 
 
 def _wide_counter(samples: int, B: int, K: int) -> bool:
@@ -160,13 +163,13 @@ def latent_forward(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tu
         return z, kl, lr
     if K == 0:
         return z, kl.zero_(), lr.zero_()
-    block_b, block_k = _blocks(B, K)
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     grid = (triton.cdiv(B, block_b), samples)
     _latent_fwd_kernel[grid](
         mu, logvar, seed, z, kl, lr, B, K,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
         BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
-        num_warps=num_warps_for(block_b * block_k),
+        num_warps=num_warps,
     )
     return z, kl, lr
 
@@ -183,7 +186,7 @@ def latent_backward(
     dlv = torch.empty((B, K), dtype=logvar.dtype, device=logvar.device)
     if B == 0 or K == 0:
         return dmu, dlv
-    block_b, block_k = _blocks(B, K)
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     grid = (triton.cdiv(B, block_b), triton.cdiv(K, block_k))
     _latent_bwd_kernel[grid](
         mu, logvar, seed, grad_z, grad_kl, grad_lr, dmu, dlv, B, K, samples,
@@ -191,6 +194,6 @@ def latent_backward(
         grad_z.stride(0), grad_z.stride(1), grad_z.stride(2), grad_kl.stride(0),
         grad_lr.stride(0), grad_lr.stride(1),
         BLOCK_B=block_b, BLOCK_K=block_k, WIDE_COUNTER=_wide_counter(samples, B, K),
-        num_warps=num_warps_for(block_b * block_k),
+        num_warps=num_warps,
     )
     return dmu, dlv

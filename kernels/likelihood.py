@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, next_power_of_2, num_warps_for
+from .launch import INTERPRET, gpu_tile, next_power_of_2
 
 GAUSSIAN = 0
 BERNOULLI = 1
@@ -95,11 +95,12 @@ def _rescale_kernel(a_ptr, n, factor_ptr, BLOCK: tl.constexpr):
         tl.store(a_ptr + offs, (a * factor).to(a_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(R: int, D: int) -> tuple[int, int]:
-    block_d = min(next_power_of_2(D), 1024 if not INTERPRET else 8192)
-    tile = 4096 if not INTERPRET else 65536
-    block_r = max(1, min(next_power_of_2(R), tile // block_d))
-    return block_r, block_d
+def _blocks(R: int, D: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for R rows of D `itemsize`-byte values: `gpu_tile` with BLOCK_D <= 1024."""
+    if INTERPRET:
+        block_d = min(next_power_of_2(D), 8192)
+        return max(1, min(next_power_of_2(R), 65536 // block_d)), block_d, 4
+    return gpu_tile(R, D, itemsize, 1024)
 
 
 def _strides3(t: Tensor, shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -138,7 +139,7 @@ def log_likelihood_launch(
         return logp, dout, dls
     if D == 0:
         return logp.zero_(), dout, dls
-    block_r, block_d = _blocks(R, D)
+    block_r, block_d, num_warps = _blocks(R, D, min(x.element_size(), out.element_size()))
     ls = log_scale if log_scale is not None else out
     w = row_weights.reshape(-1) if row_weights is not None else logp
     _loglik_kernel[(triton.cdiv(R, block_r),)](
@@ -147,7 +148,7 @@ def log_likelihood_launch(
         *_strides3(x, shape), *_strides3(out.reshape(shape), shape), *_strides3(ls, shape), w.stride(0),
         DIST=DISTRIBUTIONS[dist], HAS_LS_TENSOR=log_scale is not None, HAS_ROW_WEIGHTS=row_weights is not None,
         WRITE_LOGP=write_logp, WRITE_DOUT=write_dout, WRITE_DLS=write_dls,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )
     return logp, dout, dls
 
