@@ -1,7 +1,8 @@
 """Triton kernels of the latent step: reparameterised sample, analytic KL and log-ratio in one pass.
 
 Forward, one launch: read mu and logvar (B, K), draw eps ~ N(0, I) in-kernel with Philox
-(`tl.randn(seed, counter)`), write z (S, B, K), kl (B,) and log p(z) - log q(z|x) (S, B).
+(`_noise`: `tl.randint4x(seed, counter)` and a Box-Muller transform without trigonometric functions),
+write z (S, B, K), kl (B,) and log p(z) - log q(z|x) (S, B).
 Backward, one launch: regenerate the same eps from the same seed and counters and write
 dmu, dlogvar (B, K). No eps tensor is kept between the two.
 
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, next_power_of_2, num_warps_for
+from .launch import INTERPRET, CachedKernel, cdiv, gpu_tile, next_power_of_2
 
 
 @triton.jit
@@ -30,10 +31,33 @@ def _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER: tl.constexpr):
 
     The counter is the flat index of the element in z (S, B, K).
     """
-    counter = (sample_row0 + rows[:, None]) * K + cols[None, :]
-    if not WIDE_COUNTER:
-        counter = counter.to(tl.int32)
-    return tl.randn(seed, counter)
+    if WIDE_COUNTER:
+        counter = (sample_row0 + rows[:, None]) * K + cols[None, :]
+    else:  # S*B*K < 2^31: int32 arithmetic, half the registers of int64
+        counter = (sample_row0 + rows).to(tl.int32)[:, None] * K + cols.to(tl.int32)[None, :]
+    bits_radius, bits_angle, _, _ = tl.randint4x(seed, counter)
+    return _box_muller(bits_radius, bits_angle)
+
+
+@triton.jit
+def _box_muller(bits_radius, bits_angle):
+    """One standard normal r*cos(theta) from two uniform uint32 blocks, without a trigonometric function.
+
+    r = sqrt(-2 log u) with u = (bits_radius + 1/2) / 2^32 in (0, 1]. theta is uniform on the circle: the top
+    two bits of bits_angle pick a quadrant q, the other 30 an angle phi uniform in [-pi/4, pi/4), and
+    theta = q*pi/2 + phi, so cos(theta) is cos(phi), -sin(phi), -cos(phi) or sin(phi) for q = 0..3. sin and
+    cos on [-pi/4, pi/4] are Cephes' sinf/cosf polynomials (error ~1e-7): no range reduction, hence none of
+    libdevice's slow path (a local-memory array and a table in global memory).
+    """
+    u = (bits_radius.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+    r = tl.sqrt(-2.0 * tl.log(u))
+    quadrant = bits_angle >> 30
+    phi = ((bits_angle & 0x3FFFFFFF).to(tl.float32) * 9.313225746154785e-10 - 0.5) * 1.5707963267948966
+    p2 = phi * phi
+    sin = phi + phi * p2 * ((-1.9515295891e-4 * p2 + 8.3321608736e-3) * p2 - 1.6666654611e-1)
+    cos = 1.0 - 0.5 * p2 + p2 * p2 * ((2.443315711809948e-5 * p2 - 1.388731625493765e-3) * p2 + 4.166664568298827e-2)
+    r_cos = r * tl.where((quadrant & 1) == 0, cos, sin)
+    return tl.where((quadrant == 1) | (quadrant == 2), -r_cos, r_cos)
 
 
 @triton.jit
@@ -137,12 +161,14 @@ def _latent_bwd_kernel(
 
 
 @functools.cache
-def _blocks(B: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_K, num_warps) for a (B, K) latent."""
-    block_k = min(next_power_of_2(K), 128 if not INTERPRET else 1024)
-    tile = 4096 if not INTERPRET else 16384
-    block_b = max(1, min(next_power_of_2(B), tile // block_k))
-    return block_b, block_k, num_warps_for(block_b * block_k)
+def _blocks(B: int, K: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_K, num_warps) for mu (B, K) of `itemsize`-byte values: `gpu_tile` with BLOCK_K <= 128.
+    Every value a thread holds carries its own Philox state through 10 rounds, so registers grow with values
+    per thread (16 fp32, the first choice, took up to 255)."""
+    if INTERPRET:
+        block_k = min(next_power_of_2(K), 1024)
+        return max(1, min(next_power_of_2(B), 16384 // block_k)), block_k, 4
+    return gpu_tile(B, K, itemsize, 128)
 
 
 def _wide_counter(samples: int, B: int, K: int) -> bool:
@@ -169,7 +195,7 @@ def latent_forward(
     lr = torch.empty((samples, B), dtype=torch.float32, device=dev) if log_ratio else None
     if B == 0 or K == 0:
         return z, kl.zero_(), lr if lr is None else lr.zero_()
-    block_b, block_k, num_warps = _blocks(B, K)
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     in_memory = isinstance(seed, Tensor)
     _forward.launch(
         (cdiv(B, block_b), samples),
@@ -198,7 +224,7 @@ def latent_backward(
     dlv = torch.empty((B, K), dtype=logvar.dtype, device=logvar.device)
     if B == 0 or K == 0:
         return dmu, dlv
-    block_b, block_k, num_warps = _blocks(B, K)
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     in_memory = isinstance(seed, Tensor)
     _backward.launch(
         (cdiv(B, block_b), cdiv(K, block_k)),

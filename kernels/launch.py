@@ -25,9 +25,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def num_warps_for(tile_elems: int) -> int:
-    """Warps for a tile of `tile_elems` fp32 values: ~8 elements per thread, between 1 and 8 warps."""
-    return max(1, min(8, tile_elems // 256))
+def gpu_tile(rows: int, cols: int, itemsize: int, max_block_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps) for a kernel over a (rows, cols) array of `itemsize`-byte values,
+    compiled for a GPU: up to 8 warps, each thread holding 16 bytes of a row (one 128-bit access: 4 fp32 or
+    8 bf16/fp16) when `cols` is a multiple of 16, else 4 values. BLOCK_COLS = min(next_power_of_2(cols),
+    max_block_cols); BLOCK_ROWS fills the tile.
+
+    A multiple of 16 is what lets Triton (which specialises an int on divisibility by 16) prove rows 16-byte
+    aligned; its layout then gives each thread contiguous values of one row. Otherwise a thread's values lie
+    in different rows or need an address each, and 8 or 16 of them took up to 255 registers per thread, with
+    spills (docs/design.md, "Compiled resources").
+    """
+    block_cols = min(next_power_of_2(cols), max_block_cols)
+    per_thread = 16 // itemsize if cols % 16 == 0 else 4
+    block_rows = max(1, min(next_power_of_2(rows), per_thread * 32 * 8 // block_cols))
+    return block_rows, block_cols, max(1, min(8, block_rows * block_cols // (32 * per_thread)))
 
 
 def _value_class(value: Any) -> Any:

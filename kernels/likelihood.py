@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, next_power_of_2, num_warps_for
+from .launch import INTERPRET, CachedKernel, cdiv, gpu_tile, next_power_of_2
 
 GAUSSIAN = 0
 BERNOULLI = 1
@@ -160,12 +160,12 @@ _rescale = CachedKernel(_rescale_kernel)
 
 
 @functools.cache
-def _blocks(R: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) for R rows of D values."""
-    block_d = min(next_power_of_2(D), 1024 if not INTERPRET else 8192)
-    tile = 4096 if not INTERPRET else 65536
-    block_r = max(1, min(next_power_of_2(R), tile // block_d))
-    return block_r, block_d, num_warps_for(block_r * block_d)
+def _blocks(R: int, D: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for R rows of D `itemsize`-byte values: `gpu_tile` with BLOCK_D <= 1024."""
+    if INTERPRET:
+        block_d = min(next_power_of_2(D), 8192)
+        return max(1, min(next_power_of_2(R), 65536 // block_d)), block_d, 4
+    return gpu_tile(R, D, itemsize, 1024)
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
@@ -208,7 +208,7 @@ def log_likelihood_launch(
         return logp, dout, dls
     if D == 0:
         return logp if logp is None else logp.zero_(), dout, dls
-    block_r, block_d, num_warps = _blocks(R, D)
+    block_r, block_d, num_warps = _blocks(R, D, min(x.element_size(), out.element_size()))
     w = row_weights.reshape(-1) if row_weights is not None else None
     _loglik.launch(
         (cdiv(R, block_r),),
