@@ -120,8 +120,9 @@ def likelihood_case(
     if D % 16 == 0:
         inputs = ("x_ptr", "out_ptr") + (("ls_ptr",) if shape not in ("", "()") else ())
         grads = ("dout_ptr",) + (("dls_ptr",) if use == "learned" else ())
-        # a: the gradients that elbo_loss's backward rescales, 1-D, vectorised when their size is a multiple of 16
-        vector = (inputs if offset == 0 else ()) + grads + (("a_ptr",) if shape != "()" else ())
+        # the stash that elbo_loss's backward rescales, 1-D: vectorised when its size is a multiple of 16
+        stash = ("stash_ptr",) + (("stash_ls_ptr",) if use == "learned" and shape != "()" else ())
+        vector = (inputs if offset == 0 else ()) + grads + stash
     ls_name = f" log_scale={log_scale}" if dist == "gaussian" else ""
     return Case(f"log_likelihood+elbo_loss {dist} {dtype} S={samples} B={B} D={D}{ls_name}{note}", run, vector)
 

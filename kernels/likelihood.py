@@ -132,23 +132,24 @@ def _elbo_finish_kernel(
 
 @triton.jit
 def _rescale_kernel(
-    dout_ptr, dls_ptr, grad_ptr, state_ptr,
-    n_dout, n_dls, read_slot,
-    BLOCK: tl.constexpr, HAS_DLS: tl.constexpr,
+    stash_ptr, stash_ls_ptr, grad_ptr, state_ptr,
+    n_stash, n_stash_ls, read_slot,
+    BLOCK: tl.constexpr, HAS_LS: tl.constexpr,
 ):
-    # grid: (cdiv(max(n_dout, n_dls), BLOCK),). The stash was written for the upstream gradient
-    # state[read_slot]; scale it to the upstream gradient g: a *= g / state[read_slot], skipped on the device
-    # when the factor is 1 (the usual loss.backward()). Program 0 records g in the other slot, which no
-    # program reads in this launch (so there is no race), and writes the KL's gradient g * beta / B.
+    # grid: (cdiv(max(n_stash, n_stash_ls), BLOCK),). The stash (d out, and d log_scale with HAS_LS) was
+    # written for the upstream gradient state[read_slot]; scale it to the upstream gradient g:
+    # a *= g / state[read_slot], skipped on the device when the factor is 1 (the usual loss.backward()).
+    # Program 0 records g in the other slot, which no program reads in this launch (so there is no race),
+    # and writes the KL's gradient g * beta / B.
     g = tl.load(grad_ptr).to(tl.float32)
     factor = g / tl.load(state_ptr + read_slot)
     if factor != 1.0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        a = tl.load(dout_ptr + offs, mask=offs < n_dout, other=0.0).to(tl.float32)
-        tl.store(dout_ptr + offs, (a * factor).to(dout_ptr.dtype.element_ty), mask=offs < n_dout)
-        if HAS_DLS:
-            a = tl.load(dls_ptr + offs, mask=offs < n_dls, other=0.0).to(tl.float32)
-            tl.store(dls_ptr + offs, (a * factor).to(dls_ptr.dtype.element_ty), mask=offs < n_dls)
+        a = tl.load(stash_ptr + offs, mask=offs < n_stash, other=0.0).to(tl.float32)
+        tl.store(stash_ptr + offs, (a * factor).to(stash_ptr.dtype.element_ty), mask=offs < n_stash)
+        if HAS_LS:
+            a = tl.load(stash_ls_ptr + offs, mask=offs < n_stash_ls, other=0.0).to(tl.float32)
+            tl.store(stash_ls_ptr + offs, (a * factor).to(stash_ls_ptr.dtype.element_ty), mask=offs < n_stash_ls)
     if tl.program_id(0) == 0:
         tl.store(state_ptr + 1 - read_slot, g)
         tl.store(state_ptr + 2, g * tl.load(state_ptr + 6))
