@@ -85,7 +85,7 @@ def kernels_on_cpu() -> bool:
     the compile-only driver of `fastvae.kernels.compile_only` active (it compiles them and launches nothing;
     for host-time measurements). Imports nothing that is not loaded already."""
     compile_only = sys.modules.get("fastvae.kernels.compile_only")
-    return interpreter_enabled() or (compile_only is not None and compile_only.active())
+    return (compile_only is not None and compile_only.active()) or interpreter_enabled()
 
 
 def resolve_impl(impl: object, **tensors: Tensor) -> str:

@@ -41,7 +41,7 @@ def _draw_seed(device: torch.device) -> int | Tensor:
     """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    return int(torch.randint(_SEED_LOW, _SEED_HIGH, ()))
+    return torch.randint(_SEED_LOW, _SEED_HIGH, ()).item()
 
 
 def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: object) -> str:

@@ -156,8 +156,8 @@ def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, stash: tuple
     ctx.dist, ctx.rows, ctx.batch, ctx.kl_dtype = dist, max(out.shape[:-1].numel(), 1), batch, kl.dtype
     ctx.stash = stash
     ctx.set_materialize_grads(False)  # no gradient buffers for the outputs that carry none
-    # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits).
-    ctx.save_for_backward(out if x.requires_grad else None, x if x.requires_grad else None)
+    if x.requires_grad:  # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits)
+        ctx.save_for_backward(out, x)
 
 
 def _elbo_grads(ctx, grad: Tensor | None, rescale: Callable[..., None]) -> tuple:
