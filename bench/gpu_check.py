@@ -78,7 +78,7 @@ KIT_TEST = "test_gpu_check.py"
 DRY_TESTS = ["tests/test_latent.py", "-k", "test_public_shapes_and_reference_impl or "
              "test_kl_matches_torch_distributions or test_cuda_graph_replay_draws_fresh_noise"]  # fmt: skip
 DRY_DTYPES = ["--dtype", "fp32"]  # a dry run's ELBO head and sanitizer cases: fp32 only
-GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs, once bench.train_throughput has them
+GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs (--cuda-graphs)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 MEMCHECK_PART = 0.6  # memcheck's part of the sanitizer step's time; racecheck has the rest
 
@@ -407,7 +407,8 @@ def step_bandwidth(kit: Kit, step: Step) -> None:
 def step_train_throughput(kit: Kit, step: Step) -> None:
     from bench.train_throughput import ALL_SYSTEMS
 
-    graphs = [s for s in GRAPH_SYSTEMS if s in ALL_SYSTEMS]
+    available = [s for s in GRAPH_SYSTEMS if s in ALL_SYSTEMS]
+    graphs = [] if kit.dry_run else available  # CUDA graphs need CUDA
     systems = ["baseline", "reference", "fused", *graphs]
     sizes = ["--num-train", "256", "--num-test", "128", "--batch", "64", "128"] if kit.dry_run else \
         ["--batch", "128", "1024"]
@@ -416,8 +417,10 @@ def step_train_throughput(kit: Kit, step: Step) -> None:
                      "--systems", *systems, "--json", str(path))  # fmt: skip
     results = (read_json(path) or {}).get("results", [])
     line = f"{len(results)} of {2 * len(systems)} results ({', '.join(systems)})"
-    if not graphs:
+    if not available:
         line += "; whole-step CUDA graphs (fused+graphs): not available in this version of bench.train_throughput"
+    elif not graphs:
+        line += f"; {', '.join(available)}: not run in the dry run (CUDA graphs need CUDA)"
     settle(step, run, line, "bench.train_throughput")
 
 

@@ -9,6 +9,8 @@ Systems, each measured in the same run:
   fused             the engine with the Triton kernels (CUDA only)
   fused+compile     the same with --compile (CUDA only)
   fused+bf16        the fused engine with --amp bf16 (CUDA only)
+  fused+graphs      the fused engine with --cuda-graphs: each step one replay of a captured CUDA graph
+  reference+graphs  the same with the PyTorch reference ops (CUDA only)
 
 The first `--warmup` epochs of each system are not timed (compilation, allocator, DataLoader start-up);
 then every epoch is timed from a device synchronisation to a device synchronisation. Reported: the median
@@ -41,8 +43,13 @@ from fastvae.engine import EVAL_BATCH, Trainer, synchronize, test_statistics
 from fastvae.options import build_model, build_parser, make_config
 
 CPU_SYSTEMS = ("baseline", "reference", "reference+compile")
-CUDA_SYSTEMS = ("baseline", "reference", "fused", "fused+compile", "fused+bf16")
-ALL_SYSTEMS = ("baseline", "reference", "reference+compile", "fused", "fused+compile", "fused+bf16")
+CUDA_SYSTEMS = (
+    "baseline", "reference", "reference+graphs", "fused", "fused+compile", "fused+bf16", "fused+graphs"
+)  # fmt: skip
+ALL_SYSTEMS = (
+    "baseline", "reference", "reference+compile", "reference+graphs", "fused", "fused+compile", "fused+bf16",
+    "fused+graphs",
+)  # fmt: skip
 # The engine flags of each fastvae system (the baseline has its own loop).
 ENGINE_FLAGS = {
     "reference": ["--no-fused"],
@@ -50,6 +57,8 @@ ENGINE_FLAGS = {
     "fused": ["--fused"],
     "fused+compile": ["--fused", "--compile"],
     "fused+bf16": ["--fused", "--amp", "bf16"],
+    "fused+graphs": ["--fused", "--cuda-graphs"],
+    "reference+graphs": ["--no-fused", "--cuda-graphs"],
 }
 
 
@@ -121,8 +130,8 @@ def engine(system: str, splits: DataSplits, batch_size: int, device: torch.devic
 
 def engine_epoch(trainer: Trainer, epoch: int) -> None:
     """One epoch of the engine's steps with its statistics reads every --log-every steps; no evaluation."""
-    for x in trainer.train.epoch(epoch):
-        trainer.train_step(x)
+    for indices in trainer.train.index_batches(epoch):
+        trainer.step_on(indices)
         if trainer.step % trainer.config["log_every"] == 0:
             trainer.log_train(epoch)
     trainer.log_train(epoch)
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not cuda and not interpret and any(s.startswith("fused") for s in args.systems):
         p.error("the fused systems need CUDA (or TRITON_INTERPRET=1, which times the interpreter, not kernels)")
+    if not cuda and any(s.endswith("+graphs") for s in args.systems):
+        p.error("the +graphs systems capture CUDA graphs: they need CUDA")
     splits = load_dataset("sprites", num_train=args.num_train, num_test=args.num_test)
     console = Console(width=max(Console().width, 120))
     env = environment(device)

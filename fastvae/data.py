@@ -712,9 +712,7 @@ class DeviceBatches:
 
         Arguments are checked at the call; `current_epoch` and `position` follow the iteration.
         """
-        if not 0 <= start <= len(self):
-            raise DataError(f"start batch {start} is out of range for an epoch of {len(self)} batches")
-        return self._batches(epoch, self.permutation(epoch), start)
+        return map(self.gather, self.index_batches(epoch, start))
 
     def bounds(self, i: int) -> tuple[int, int]:
         """[lo, hi): the positions in the permutation of this rank's part of global batch `i`."""
@@ -728,10 +726,21 @@ class DeviceBatches:
         perm = self.permutation(epoch)
         return torch.cat([perm[slice(*self.bounds(i))] for i in range(len(self))])
 
-    def _batches(self, epoch: int, perm: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    def index_batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """`epoch` as its batches' sample indices: int64 views of the permutation, on the device; `gather`
+        makes each the batch that `epoch` yields. The same arguments, checks and position bookkeeping."""
+        if not 0 <= start <= len(self):
+            raise DataError(f"start batch {start} is out of range for an epoch of {len(self)} batches")
+        return self._index_batches(epoch, self.permutation(epoch), start)
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The float32 batch (len(indices), D) in [0, 1] of these samples."""
+        return to_float(self.data[indices])
+
+    def _index_batches(self, epoch: int, perm: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
         self.current_epoch, self.position = epoch, start
         for i in range(start, len(self)):
             self.position = i + 1
             lo, hi = self.bounds(i)
             if hi > lo:
-                yield to_float(self.data[perm[lo:hi]])
+                yield perm[lo:hi]

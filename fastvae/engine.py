@@ -22,6 +22,7 @@ import torch
 from fastvae import checkpoint as ckpt
 from fastvae.data import DeviceBatches
 from fastvae.distributed import DistributedContext, LossForward, seed_noise
+from fastvae.graphs import GraphedSteps
 from fastvae.model import VAE, LossOutput
 from fastvae.options import ConfigError
 
@@ -41,9 +42,10 @@ class ImmediateExit(BaseException):  # noqa: N818
         self.signum = signum
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` for --amp bf16; a no-op for --amp off."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+def autocast(device: torch.device, amp: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for --amp bf16; a no-op for --amp off. Without `cache` the casts are not
+    cached (what a captured CUDA graph needs)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16", cache_enabled=cache)
 
 
 class RunningMeans:
@@ -60,9 +62,9 @@ class RunningMeans:
         self.ctx = ctx or DistributedContext()
 
     def add(self, out: LossOutput) -> None:
-        """Two launches: the step's statistics, stacked, added to the float64 sums."""
+        """Two launches: the step's statistics, stacked, added to the float64 sums. The caller counts the
+        steps in `count` (a captured step adds on each replay)."""
         self.sums.add_(torch.stack([out.loss.detach(), out.elbo, out.kl, out.log_px, out.iwae]))
-        self.count += 1
 
     @torch.no_grad()
     def read(self, params: list[torch.Tensor]) -> dict[str, float]:
@@ -132,8 +134,9 @@ class Trainer:
     ctx: DistributedContext = field(default_factory=DistributedContext)  # torchrun: this process's rank
 
     def __post_init__(self) -> None:
+        graphed = bool(self.config.get("cuda_graphs"))
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.config["lr"], fused=self.device.type == "cuda"
+            self.model.parameters(), lr=self.config["lr"], fused=self.device.type == "cuda", capturable=graphed
         )
         self.loss_step = self._make_loss_step()
         self.running = RunningMeans(self.device, self.ctx)
@@ -144,6 +147,8 @@ class Trainer:
         self.started = time.perf_counter()
         self._window_start = self.started
         self._window_samples = 0
+        # --cuda-graphs: the steps as replays of a captured graph (fastvae/graphs.py)
+        self.graphed = GraphedSteps(self) if graphed else None
 
     def _make_loss_step(self) -> Callable[[torch.Tensor, float], LossOutput]:
         """The step's forward: `model.loss` itself, or under torchrun the DistributedDataParallel-wrapped
@@ -158,8 +163,10 @@ class Trainer:
         if amp == "off" and not self.config["compile"]:
             return forward
 
+        cache = not self.config.get("cuda_graphs")
+
         def loss_step(x: torch.Tensor, beta: float) -> LossOutput:
-            with autocast(self.device, amp):
+            with autocast(self.device, amp, cache):
                 return forward(x, beta)
 
         return torch.compile(loss_step) if self.config["compile"] else loss_step
@@ -169,14 +176,31 @@ class Trainer:
         warmup = self.config["kl_warmup"]
         return self.config["beta"] * (min(1.0, self.step / warmup) if warmup else 1.0)
 
+    def step_on(self, indices: torch.Tensor) -> None:
+        """One training step on the samples `indices` of the training split: a replay with --cuda-graphs."""
+        if self.graphed is not None:
+            self.graphed.step(indices)
+        else:
+            self.train_step(self.train.gather(indices))
+
     def train_step(self, x: torch.Tensor) -> None:
-        out = self.loss_step(x, self.beta())
+        """One eager step on the batch x (B, D)."""
+        self.step_body(x, self.beta())
+        self.after_step(len(x))
+
+    def step_body(self, x: torch.Tensor, beta: float | torch.Tensor) -> None:
+        """A step's device work (what --cuda-graphs captures): forward, backward, Adam, the statistics."""
+        out = self.loss_step(x, beta)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
         self.running.add(out)  # the non-finite guard, on the device (see RunningMeans)
+
+    def after_step(self, rows: int) -> None:
+        """A step's host bookkeeping, after its device work on `rows` rows of this rank."""
         self.step += 1
-        self._window_samples += len(x) * self.ctx.world_size  # the global batch (the ranks' parts are equal)
+        self.running.count += 1
+        self._window_samples += rows * self.ctx.world_size  # the global batch (the ranks' parts are equal)
 
     def write(self, row: dict[str, Any]) -> None:
         row["wall_time_s"] = round(time.perf_counter() - self.started, 3)
@@ -221,8 +245,8 @@ class Trainer:
         for stopping: after a yield the state is complete and `capture` gives it). The epoch-end
         evaluation runs after the last yield, also when `start` is the end of the epoch."""
         log_every, eval_every = self.config["log_every"], self.config["eval_every"]
-        for x in self.train.epoch(epoch, start):
-            self.train_step(x)
+        for indices in self.train.index_batches(epoch, start):
+            self.step_on(indices)
             if eval_every and self.step % eval_every == 0:
                 self.evaluate(epoch)
                 self.keep_good(epoch, self.train.position)
@@ -268,6 +292,8 @@ class Trainer:
             problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"{self.checkpoint_path} does not fit the run's model: {problem}") from None
         self.step = state["step"]
+        if self.graphed is not None:  # the optimizer's state tensors were replaced
+            self.graphed.invalidate()
         own = self._own_part(state)
         if own is None:  # written by another number of processes: this rank's noise restarts, and the
             seed_noise(self.config["seed"], self.ctx.rank, self.step)  # ranks share the window's sums
@@ -358,7 +384,8 @@ class Trainer:
             with torch.no_grad(), autocast(self.device, self.config["amp"]):
                 _, logvar = self.model.encode(x)
             max_logvar = logvar.detach().abs().max().item()
-            out = self.loss_step(x, beta)
+            with self.graphed.noise(self.step) if self.graphed is not None else contextlib.nullcontext():
+                out = self.loss_step(x, beta)  # with --cuda-graphs, the seed the step drew
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             terms = [name for name, value in (("KL", out.kl), ("log-likelihood", out.log_px)) if not value.isfinite()]

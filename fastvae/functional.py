@@ -6,7 +6,9 @@ All log-densities and KLs are fp32 (or wider) and in nats; the per-row ones are 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -32,13 +34,55 @@ def _ops():
 _OPS = None
 
 
+class DeviceSeeds:
+    """Philox seeds counted on the device: the draws are base, base + 1, ..., each a one-element int64 tensor
+    that the kernels read from memory. The count lives on the device, so a replayed CUDA graph draws the
+    next seed without the host, and `reset(n)` makes the next draw base + n (a run restarting at step n
+    draws what it drew the first time). base: an int in [2^31, 2^61).
+    """
+
+    def __init__(self, device: torch.device, base: int) -> None:
+        if not _SEED_LOW <= base < _SEED_HIGH // 2:
+            raise ValueError(f"`base` must be in [2^31, 2^61), got {base}")
+        self.base = base
+        self.counter = torch.full((1,), base, dtype=torch.int64, device=device)  # the next seed
+        self.device = self.counter.device  # with its index
+
+    def reset(self, n: int) -> None:
+        """The next draw is base + n (a fill on the device: no host synchronisation)."""
+        self.counter.fill_(self.base + n)
+
+    def draw(self) -> Tensor:
+        seed = self.counter.clone()
+        self.counter.add_(1)
+        return seed
+
+
+_DEVICE_SEEDS: DeviceSeeds | None = None
+
+
+@contextlib.contextmanager
+def device_seeds(seeds: DeviceSeeds) -> Iterator[DeviceSeeds]:
+    """Within the block, the fused sampler on `seeds.device` draws its seeds from `seeds`: for the steps of a
+    run that captures them in a CUDA graph (its eager steps and its replays then draw the same seeds)."""
+    global _DEVICE_SEEDS
+    previous, _DEVICE_SEEDS = _DEVICE_SEEDS, seeds
+    try:
+        yield seeds
+    finally:
+        _DEVICE_SEEDS = previous
+
+
 def _draw_seed(device: torch.device) -> int | Tensor:
     """The Philox seed of one fused sampling call on `device`; `torch.manual_seed` reproduces it.
 
-    Normally an int from the CPU generator: no device work, passed with the launch. While a CUDA graph is
-    being captured on `device`: an int64 (1,) tensor drawn there by the CUDA generator, which torch keeps
-    graph-safe, so that every replay draws a fresh seed, which the kernel reads from memory.
+    Normally an int from the CPU generator: no device work, passed with the launch. Within `device_seeds`,
+    the next of those seeds. While a CUDA graph is otherwise being captured on `device`: an int64 (1,)
+    tensor drawn there by the CUDA generator, which torch keeps graph-safe, so that every replay draws a
+    fresh seed, which the kernel reads from memory.
     """
+    if _DEVICE_SEEDS is not None and device == _DEVICE_SEEDS.device:
+        return _DEVICE_SEEDS.draw()
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
     return torch.randint(_SEED_LOW, _SEED_HIGH, ()).item()

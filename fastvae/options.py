@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Triton kernels (default: on CUDA; elsewhere the PyTorch reference)",
     )
     train.add_argument("--compile", action="store_true", help="torch.compile the loss step")
+    train.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture each training step as one CUDA graph and replay it (CUDA, one process; not yet verified "
+        "on a GPU: docs/training.md)",
+    )
     train.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast the forward to bf16")
     train.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the model, the data order and z")
@@ -221,6 +227,26 @@ def check_options(args: argparse.Namespace, explicit: set[str]) -> None:
         raise ConfigError(f"--sigma applies to --likelihood gaussian only, not {args.likelihood}")
     if "image_size" in explicit and args.dataset != "sprites":
         raise ConfigError(f"--image-size applies to --dataset sprites only, not {args.dataset}")
+    if args.cuda_graphs and args.compile:
+        raise ConfigError(
+            "--cuda-graphs and --compile exclude each other: a compiled step draws its noise on the host, which "
+            "a replayed graph would repeat; use one of them (--cuda-graphs cuts the host work further)"
+        )
+
+
+def check_cuda_graphs(args: argparse.Namespace, device: torch.device, world_size: int) -> None:
+    """--cuda-graphs needs a CUDA device and one process (ConfigError otherwise)."""
+    if not args.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"--cuda-graphs needs a CUDA device, and the device is {device}; leave it out on this machine"
+        )
+    if world_size > 1:
+        raise ConfigError(
+            f"--cuda-graphs runs in one process, and torchrun started {world_size}: graphed steps are not "
+            "combined with DistributedDataParallel yet; leave out --cuda-graphs under torchrun"
+        )
 
 
 def resolve_device(name: str | None) -> torch.device:

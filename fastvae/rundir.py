@@ -75,7 +75,7 @@ def resume_settings(
     )
     settings.update({d: getattr(args, d) for d in RESUME_MAY_CHANGE if d in explicit})
     settings["out"] = str(run_dir)
-    for dest, default in (("checkpoint_every", 0), ("pictures", True)):  # runs from before these options
+    for dest, default in (("checkpoint_every", 0), ("pictures", True), ("cuda_graphs", False)):  # older runs
         if settings.get(dest) is None:
             settings[dest] = default
     if settings["epochs"] < state["epoch"]:

@@ -41,6 +41,7 @@ from fastvae.options import (
     ConfigError,
     build_model,
     build_parser,
+    check_cuda_graphs,
     check_options,
     explicit_options,
     make_config,
@@ -211,6 +212,7 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     except ValueError as err:
         raise ConfigError(str(err)) from None
     resolve_impl(args.fused, device)  # fail before loading any data
+    check_cuda_graphs(args, device, ctx.world_size)
     if not ctx.is_main:
         console = Console(quiet=True)  # rank 0 prints
     with ctx.session(device):

@@ -1,0 +1,96 @@
+"""Whole-step CUDA graphs for the training engine (`python -m fastvae.train --cuda-graphs`).
+
+A VAE's step is small: its GPU work takes tens of microseconds, the Python and dispatch around it hundreds.
+`GraphedSteps` captures one training step (the batch gathered from the device-resident data into a static
+buffer, forward, backward, a capturable Adam step, the device-side statistics) as one CUDA graph and then
+runs every step as one copy of the batch's sample indices plus one replay. Before a capture it runs a few
+eager warm-up steps on a side stream (allocator, cuBLAS and Triton caches) and then puts the run back in
+the state it had before them, so every step of a run is a replay: a resumed run (which captures again)
+computes what the uninterrupted one did. What a replay must see anew it reads from device memory:
+
+- the noise: the fused sampler draws its Philox seeds from `functional.DeviceSeeds`, counted on the device:
+  seed base + n at step n (the diagnosis of a non-finite step, eager, draws the same);
+- the KL weight: a device tensor, refilled (without a host sync) while --kl-warmup changes it;
+- the batch: the sample indices, copied into the static index buffer before each replay.
+
+A restored state (a resume, a diagnosis) invalidates the graph; the next step captures it again.
+docs/training.md describes the flag, its limits and what has been verified.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastvae import functional
+from fastvae.distributed import rank_seed
+
+if TYPE_CHECKING:
+    from fastvae.engine import Trainer
+
+WARMUP_STEPS = 3  # eager steps before a capture (allocator, cuBLAS and Triton caches), then undone
+
+
+def noise_base(seed: int, rank: int) -> int:
+    """The first Philox seed of a graphed run with --seed `seed`, on rank `rank`: in [2^31, 2^61)."""
+    return 2**31 + rank_seed(seed, rank) % (2**61 - 2**31)
+
+
+class GraphedSteps:
+    """The steps of `trainer` as replays of one captured CUDA graph (see the module docstring)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        device = trainer.device
+        self.seeds = functional.DeviceSeeds(device, noise_base(trainer.config["seed"], trainer.ctx.rank))
+        self.indices = torch.zeros(trainer.train.batch_size, dtype=torch.int64, device=device)
+        self._beta = trainer.beta()
+        self.beta = torch.full((), self._beta, dtype=torch.float32, device=device)  # the KL weight replays read
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def invalidate(self) -> None:
+        """The state the graph was captured on has been replaced: the next step captures it again."""
+        self.graph = None
+
+    def noise(self, step: int) -> functional.device_seeds:
+        """The fused sampler's seeds for an eager run of step `step` (a context manager)."""
+        self.seeds.reset(step)
+        return functional.device_seeds(self.seeds)
+
+    def step(self, indices: torch.Tensor) -> None:
+        """One training step on the samples `indices` (int64, the batch size, on the device)."""
+        trainer = self.trainer
+        beta = trainer.beta()
+        if beta != self._beta:  # during --kl-warmup; a fill on the device, no host sync
+            self.beta.fill_(beta)
+            self._beta = beta
+        if self.graph is None:
+            self._warm_up(indices)
+            self._capture()
+        self.indices.copy_(indices)
+        self.graph.replay()
+        trainer.after_step(len(indices))
+
+    def _warm_up(self, indices: torch.Tensor) -> None:
+        """WARMUP_STEPS eager steps on a side stream, as torch.cuda.graphs asks before a capture; then the
+        run's state is put back (they do not count)."""
+        trainer = self.trainer
+        before = trainer.capture(trainer.train.current_epoch, trainer.train.position)
+        side = torch.cuda.Stream(trainer.device)
+        side.wait_stream(torch.cuda.current_stream(trainer.device))
+        with torch.cuda.stream(side), self.noise(trainer.step):
+            for _ in range(WARMUP_STEPS):
+                trainer.step_body(trainer.train.gather(indices), self.beta)
+        torch.cuda.current_stream(trainer.device).wait_stream(side)
+        trainer.restore(before)
+
+    def _capture(self) -> None:
+        """Capture one step; its replays draw seed base + step, base + step + 1, ... (counted in the graph)."""
+        trainer = self.trainer
+        self.seeds.reset(trainer.step)  # before the capture: a replay must not reset it
+        torch.cuda.synchronize(trainer.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), functional.device_seeds(self.seeds):
+            trainer.step_body(trainer.train.gather(self.indices), self.beta)
+        self.graph = graph
