@@ -134,9 +134,9 @@ class Trainer:
     ctx: DistributedContext = field(default_factory=DistributedContext)  # torchrun: this process's rank
 
     def __post_init__(self) -> None:
-        graphed = bool(self.config.get("cuda_graphs"))
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.config["lr"], fused=self.device.type == "cuda", capturable=graphed
+        graphed, cuda = bool(self.config.get("cuda_graphs")), self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(  # a graphed step's Adam keeps its step counts on the device
+            self.model.parameters(), lr=self.config["lr"], fused=cuda, capturable=graphed and cuda
         )
         self.loss_step = self._make_loss_step()
         self.running = RunningMeans(self.device, self.ctx)

@@ -19,6 +19,8 @@ docs/training.md describes the flag, its limits and what has been verified.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,20 +79,37 @@ class GraphedSteps:
         run's state is put back (they do not count)."""
         trainer = self.trainer
         before = trainer.capture(trainer.train.current_epoch, trainer.train.position)
-        side = torch.cuda.Stream(trainer.device)
-        side.wait_stream(torch.cuda.current_stream(trainer.device))
-        with torch.cuda.stream(side), self.noise(trainer.step):
+        with side_stream(trainer.device), self.noise(trainer.step):
             for _ in range(WARMUP_STEPS):
                 trainer.step_body(trainer.train.gather(indices), self.beta)
-        torch.cuda.current_stream(trainer.device).wait_stream(side)
         trainer.restore(before)
 
     def _capture(self) -> None:
         """Capture one step; its replays draw seed base + step, base + step + 1, ... (counted in the graph)."""
-        trainer = self.trainer
-        self.seeds.reset(trainer.step)  # before the capture: a replay must not reset it
-        torch.cuda.synchronize(trainer.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), functional.device_seeds(self.seeds):
-            trainer.step_body(trainer.train.gather(self.indices), self.beta)
-        self.graph = graph
+        self.seeds.reset(self.trainer.step)  # before the capture: a replay must not reset it
+        self.graph = capture(self._body, self.trainer.device)
+
+    def _body(self) -> None:
+        """What a replay runs: the step on the samples in the index buffer, drawing from the device seeds."""
+        with functional.device_seeds(self.seeds):
+            self.trainer.step_body(self.trainer.train.gather(self.indices), self.beta)
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a new stream of `device`, ordered after the current stream's work and before its
+    next work."""
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph:
+    """`body`'s device work captured as a CUDA graph (nothing runs); `replay()` runs it."""
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph

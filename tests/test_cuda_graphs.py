@@ -7,6 +7,7 @@ exactly, that a non-finite step is caught and diagnosed, and that KL warm-up rea
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from run_helpers import TINY, assert_same_state, metrics_rows
 
 import fastvae
-from fastvae import functional, train
+from fastvae import functional, graphs, train
 from fastvae.data import DeviceBatches, load_dataset
 from fastvae.engine import EVAL_BATCH, Trainer
 from fastvae.graphs import noise_base
@@ -87,15 +88,85 @@ def test_within_device_seeds_the_sampler_draws_them_in_order(kernel_device):
     assert int(seeds.counter) == 2**33 + 1
 
 
+# ------------------------------------------------------- the engine's logic, with graphs replayed in Python
+
+
+class PythonGraph:
+    """A stand-in for a captured CUDA graph on a machine without CUDA: `replay()` runs the captured body."""
+
+    def __init__(self, body) -> None:
+        self.body, self.replays = body, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.body()
+
+
+@pytest.fixture
+def python_graphs(monkeypatch) -> list[PythonGraph]:
+    """--cuda-graphs on the CPU (the fused kernels under the interpreter), each capture a PythonGraph: the
+    engine's side of the graphs (warm-up undone, seeds counted per step, beta refilled, the index buffer,
+    the bookkeeping, re-capture after a restore) runs as it would on a GPU."""
+    captured: list[PythonGraph] = []
+
+    def capture(body, device):
+        captured.append(PythonGraph(body))
+        return captured[-1]
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(train, "check_cuda_graphs", lambda *args: None)
+    return captured
+
+
+CPU_RUN = [*TINY, "--likelihood", "bernoulli", "--epochs", "2", "--fused", "--device", "cpu", "--log-every", "2"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--kl-warmup", "5"], ["--iw-samples", "3"]], ids=["plain", "warmup", "iwae"])
+def test_replayed_steps_are_the_eager_steps_with_the_same_seeds(python_graphs, tmp_path, flags):
+    """Every step a replay (the warm-up undone), seed base + step, beta refilled while it warms up: the run
+    equals an eager run that draws those seeds, bitwise."""
+    graphed = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
+    eager = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
+    eager.graphed = None
+    want, got = _steps(eager, graphed=False), _steps(graphed, graphed=True)
+    assert len(python_graphs) == 1 and python_graphs[0].replays == graphed.step == 16
+    assert got == want
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_replayed_run_resumes_exactly(python_graphs, tmp_path):
+    """Stopped mid-epoch and resumed: the resumed process captures anew (its warm-up undone) and ends where
+    the uninterrupted run does, bitwise."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main([*CPU_RUN, "--cuda-graphs", "--kl-warmup", "6", "--out", str(whole)]) == 0
+    assert train.main([*CPU_RUN, "--cuda-graphs", "--kl-warmup", "6", "--out", str(parts), "--stop-after", "5"]) == 0
+    assert train.main(["--resume", str(parts)]) == 0
+    assert len(python_graphs) == 3  # one capture per process
+    assert metrics_rows(parts) == metrics_rows(whole)
+    assert_same_state(parts, whole)
+
+
+def test_the_flag_cannot_change_on_resume(python_graphs, tmp_path, capsys):
+    """A graphed run draws its noise from other seeds than an eager one: switching is a different run."""
+    out = tmp_path / "run"
+    assert train.main([*CPU_RUN, "--out", str(out), "--stop-after", "3"]) == 0
+    assert train.main(["--resume", str(out), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs true differs from the run's false" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ on a GPU
 
 GPU_RUN = [*TINY, "--likelihood", "bernoulli", "--epochs", "2", "--fused"]
 
 
-def _trainer(flags: list[str]) -> Trainer:
-    device = torch.device("cuda")
+def _trainer(argv: list[str]) -> Trainer:
+    """The engine as `python -m fastvae.train ARGV` builds it (TINY data), writing statistics nowhere."""
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or "cuda")
     splits = load_dataset("sprites", num_train=256, num_test=64, image_size=8)
-    config = make_config(build_parser().parse_args([*GPU_RUN, *flags]), device, splits)
+    config = make_config(args, device, splits)
     torch.manual_seed(config["seed"])
     model = build_model(config).to(device)
     train_batches = DeviceBatches(splits.train, config["batch_size"], device=device, seed=config["seed"])
@@ -137,7 +208,7 @@ def test_a_graphed_run_is_the_eager_run_that_draws_its_seeds(flags):
     """Same seeds, same batches, same kernels: the replays give the eager steps' statistics and parameters,
     to float tolerance (cuBLAS may choose other algorithms in a capture). KL warm-up changes beta across
     replays, or the runs would part."""
-    eager, graphed = _trainer(["--cuda-graphs", *flags]), _trainer(["--cuda-graphs", *flags])
+    eager, graphed = _trainer([*GPU_RUN, "--cuda-graphs", *flags]), _trainer([*GPU_RUN, "--cuda-graphs", *flags])
     eager.graphed = None  # the same optimizer settings, stepped eagerly
     want, got = _steps(eager, graphed=False), _steps(graphed, graphed=True)
     assert graphed.graphed is not None and graphed.graphed.graph is not None  # it did replay
