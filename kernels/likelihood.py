@@ -91,9 +91,10 @@ def _loglik_kernel(
         tl.store(logp_ptr + rows, acc, mask=row_mask)
 
 
-# The fused loss's state (fp32): the stash's two scale slots, the KL's gradient, the loss's terms, and the
+# The fused loss's state (fp32, STATE_SIZE values), which the two kernels below index by these offsets:
+# [0, 1] the stash's two scale slots, [DKL] the KL's gradient, [TERMS, TERMS + 3) the loss's terms, [6] the
 # KL's weight in the loss (beta / B).
-SLOTS, DKL, TERMS, KL_WEIGHT = 0, 2, 3, 6
+DKL, TERMS = 2, 3
 STATE_SIZE = 7
 
 
@@ -234,7 +235,7 @@ def elbo_finish(logp: Tensor, kl: Tensor, beta: float | Tensor) -> tuple[Tensor,
     beta: the KL's weight, a float or a one-element tensor on the device (read by the kernel).
     Returns loss () fp32 = -mean(log p) + beta * mean(kl), in nats, and the loss's state (STATE_SIZE,) fp32:
     the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient (written by `rescale_grads`), at
-    TERMS the batch means of (log p - kl, kl, log p) in nats, and at KL_WEIGHT beta / B. An empty batch gives
+    TERMS the batch means of (log p - kl, kl, log p) in nats, and beta / B. An empty batch gives
     NaN, as a mean over no rows does.
     """
     dev = logp.device

@@ -185,10 +185,10 @@ class ElboLoss(torch.autograd.Function):
     beta: a float, or a one-element tensor on the device (its current value is read by the kernel).
 
     loss: () fp32, the mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats per sample; state:
-    the loss's detached state, whose `state[TERMS:TERMS + 3]` are the batch means of (log p - kl, kl, log p) (the ELBO
-    with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or (S, B, D); kl (B,); log_scale as in
-    `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager path: two launches forward and one
-    backward, no dispatcher round trip.
+    the loss's detached state, whose `state[TERMS:TERMS + 3]` are the batch means of (log p - kl, kl, log p)
+    (the ELBO with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or (S, B, D); kl (B,); log_scale as
+    in `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager path: two launches forward and
+    one backward, no dispatcher round trip.
     """
 
     @staticmethod
