@@ -31,7 +31,7 @@ EVAL_BATCH = 1000  # rows per evaluation batch
 
 
 class NonFiniteError(Exception):
-    """The device-side flag saw a non-finite loss or gradient norm since the last good state."""
+    """A reading saw a non-finite statistic or parameter since the last good state."""
 
 
 class ImmediateExit(BaseException):  # noqa: N818
@@ -114,9 +114,10 @@ class Trainer:
     """One training run: the model, its optimizer, the data on the device and the run's records.
 
     `checkpoint_path` (None: no checkpoints) is where `save_checkpoint` writes. Every step adds its
-    loss and its gradient norm to device-side sums (`running`); `log_train` reads them and raises
+    statistics to device-side sums (`running`); `log_train` reads them with the parameters' norm and raises
     NonFiniteError when one is not finite, after which `diagnose` re-runs the steps since the last
     good state (a copy kept at each clean statistics reading) to say which step and which term failed.
+    With --cuda-graphs the steps are replays of one captured graph (`graphed`, fastvae/graphs.py).
     """
 
     config: dict[str, Any]
@@ -212,7 +213,7 @@ class Trainer:
 
     def log_train(self, epoch: int) -> None:
         """Read the running means (host sync), with the throughput since the previous reading.
-        Raises NonFiniteError (writing no row) when a loss or gradient norm since then was not finite."""
+        Raises NonFiniteError (writing no row) when a statistic since then, or a parameter, is not finite."""
         if self.running.count == 0:
             return
         synchronize(self.device)

@@ -1,8 +1,9 @@
 """Train a VAE from the command line: `python -m fastvae.train [options]` (`--help` lists them).
 
-The whole data set lives on the device; the hot loop keeps running sums of the statistics and of the
-gradient norm there and reads them (one host synchronisation) every `--log-every` steps; a non-finite
-sum stops the run with a diagnosis of the first bad step (exit code 3). RUN_DIR (`--out`) receives
+The whole data set lives on the device; the hot loop keeps running sums of the statistics there and reads
+them with the parameters' norm (one host synchronisation) every `--log-every` steps; a non-finite value
+stops the run with a diagnosis of the first bad step (exit code 3). With --cuda-graphs each step is one
+replay of a captured CUDA graph (fastvae/graphs.py). RUN_DIR (`--out`) receives
 config.json, metrics.jsonl, checkpoint.pt and, at the end, the pictures of fastvae.pictures (unless
 --no-pictures). All statistics are in nats per sample.
 
