@@ -17,10 +17,10 @@ Reported per case:
            not be captured), against a measured device copy bandwidth
   saved    bytes autograd keeps from forward to backward: saved tensors (saved-tensor hooks) and tensors
            held on the graph's nodes (the fused loss's gradient stash), each storage counted once
-  ops      torch ops dispatched per forward+backward step (TorchDispatchMode), a fused-kernel launch
-           counting as one op
+  ops      ops per forward+backward step that do work (TorchDispatchMode; views, allocations and
+           aliases left out): on a GPU each is a kernel launch; a fused-kernel launch counts as one op
   moved    bytes read+written by those ops, counting every tensor argument and result once per op
-           (views excluded; a launch counts its tensor arguments): a device-independent model of memory
+           (a launch counts its tensor arguments): a device-independent model of memory
            traffic. It over-counts the fused loss's in-place rescale, which reads nothing on the device
            when the upstream gradient is 1
   peak     (CUDA) peak memory allocated above the inputs
@@ -147,8 +147,21 @@ def saved_bytes(fn, t) -> int:
     return sum(storages.values())
 
 
+# Dispatched ops that launch nothing on a GPU and move no data: besides views, allocations and aliases.
+NO_WORK = {
+    torch.ops.aten.detach.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten.lift_fresh.default,
+}
+
+
 class CountOps(TorchDispatchMode):
-    """Counts dispatched ops and the bytes of their tensor arguments and results."""
+    """Counts the dispatched ops that do work (each a kernel launch on a GPU: not views, allocations or
+    aliases) and the bytes of their tensor arguments and results."""
 
     def __init__(self):
         super().__init__()
@@ -157,9 +170,9 @@ class CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        if func.is_view or func in NO_WORK:
+            return result
         self.ops += 1
-        if func.is_view or func is torch.ops.aten.detach.default:
-            return result  # aliases: no data moves
         seen = set()
         for obj in torch.utils._pytree.tree_leaves((args, kwargs, result)):
             if isinstance(obj, torch.Tensor) and id(obj) not in seen:

@@ -43,10 +43,9 @@ from dataclasses import asdict, dataclass
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
-from bench.elbo_head import cuda_launches
+from bench.elbo_head import CountOps, cuda_launches
 from bench.environment import environment
 from fastvae import functional
 from fastvae.data import DataSplits, DeviceBatches
@@ -55,15 +54,6 @@ from fastvae.options import build_model, build_parser, make_config
 
 IMPLS = ("fused", "eager", "compile")
 B, K, D = 8, 4, 16  # tiny: the compute is about zero
-_NO_LAUNCH = {
-    torch.ops.aten.detach.default,
-    torch.ops.aten.empty.memory_format,
-    torch.ops.aten.empty_strided.default,
-    torch.ops.aten.empty_like.default,
-    torch.ops.aten.new_empty.default,
-    torch.ops.aten.new_empty_strided.default,
-    torch.ops.aten.lift_fresh.default,
-}
 
 
 @dataclass
@@ -78,19 +68,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------- counting
-
-
-class _CountLaunches(TorchDispatchMode):
-    """Counts the dispatched ops that would each launch a kernel on a GPU (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or func in _NO_LAUNCH):
-            self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -114,7 +91,7 @@ def count_launches(step: Callable[[], object], device: torch.device, driver) -> 
     if device.type == "cuda":
         return cuda_launches(step), None
     recorded = len(driver.launches)
-    with _seed_draws_uncounted(), _CountLaunches() as counter:
+    with _seed_draws_uncounted(), CountOps() as counter:
         step()
     triton_launches = len(driver.launches) - recorded
     return counter.ops + triton_launches, triton_launches
