@@ -214,15 +214,16 @@ def test_missing_idx_files_message(tmp_path, name):
     assert "--download" in msg
 
 
-def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("dataset", "torchvision_class"), [("mnist", "MNIST"), ("cifar10", "CIFAR10")])
+def test_download_failure_is_a_data_error(tmp_path, monkeypatch, dataset, torchvision_class):
     import torchvision.datasets
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(DataError, match=r"downloading mnist .* failed \(URLError.*no network"):
-        load_dataset("mnist", data_dir=tmp_path, download=True)
+    monkeypatch.setattr(torchvision.datasets, torchvision_class, offline)
+    with pytest.raises(DataError, match=rf"downloading {dataset} .* failed \(URLError.*no network"):
+        load_dataset(dataset, data_dir=tmp_path, download=True)
 
 
 def test_download_then_reads_raw_files(tmp_path, monkeypatch):
