@@ -10,6 +10,8 @@ thread that runs the step (median over --reps steps):
                       what is timed is all the host work up to the driver's launch call; on CUDA, real launches
              eager    impl="torch", the PyTorch reference
              compile  torch.compile of the reference head
+             floor    two bare autograd Functions with the fused path's allocations, and nothing else (no
+                      checks, seed or launches): what any design of two Python Functions costs on this host
            host us: a minimal step (leaves mu, logvar (B, K) and W (K, D): z, kl = head; out = z @ W; loss;
            backward) minus the same step without the head (out = mu @ W; loss = out.sum(); backward).
            launches: the head's forward and backward alone (leaves mu, logvar, out; autograd.grad of loss and z,
@@ -23,7 +25,7 @@ launches the compile-only driver records plus the torch ops that would each laun
 dispatcher sees but views, detach and allocations); the fused sampler's seed, drawn from the CPU generator,
 is host work and is not counted. torch.compile's kernels cannot be counted without CUDA ("-").
 
-Usage:  python -m bench.host_overhead [--reps 2000] [--impls fused eager compile] [--json PATH]
+Usage:  python -m bench.host_overhead [--reps 2000] [--impls fused eager compile floor] [--json PATH]
 It must run with TRITON_INTERPRET unset: the interpreter would run the kernels instead.
 """
 
@@ -52,7 +54,7 @@ from fastvae.data import DataSplits, DeviceBatches
 from fastvae.engine import Trainer, synchronize
 from fastvae.options import build_model, build_parser, make_config
 
-IMPLS = ("fused", "eager", "compile")
+IMPLS = ("fused", "eager", "compile", "floor")
 B, K, D = 8, 4, 16  # tiny: the compute is about zero
 
 
@@ -118,8 +120,50 @@ def _leaves(device: torch.device, *shapes: tuple[int, ...]) -> list[torch.Tensor
     return [torch.randn(*shape, generator=g).to(device).requires_grad_(True) for shape in shapes]
 
 
+class _BareLatent(torch.autograd.Function):
+    """The floor's latent step: the fused one's saved tensors and allocations, no checks, no seed, no launch."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar):
+        ctx.save_for_backward(mu, logvar)
+        ctx.set_materialize_grads(False)
+        return torch.empty_like(mu), torch.empty(mu.shape[0], dtype=torch.float32, device=mu.device)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar = ctx.saved_tensors
+        return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+class _BareLoss(torch.autograd.Function):
+    """The floor's loss: the fused one's allocations (state with the rows' log p, the stash, the loss) and its
+    gradients (the stash, a broadcast view for the KL), no checks, no launch."""
+
+    @staticmethod
+    def forward(ctx, out, kl):
+        ctx.set_materialize_grads(False)
+        state = torch.empty(8 + out.shape[0], dtype=torch.float32, device=out.device)
+        ctx.stash = torch.empty_like(out), state
+        ctx.mark_non_differentiable(state)
+        return torch.empty((), dtype=torch.float32, device=out.device), state
+
+    @staticmethod
+    def backward(ctx, grad, _state):
+        dout, state = ctx.stash
+        return dout, state.as_strided((state.shape[0] - 8,), (0,), 2)
+
+
 def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head."""
+    """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head, or
+    "floor": two bare autograd Functions with the fused path's allocations and nothing else (no checks, no
+    seed, no launches), the part of the fused host time that no design of two Python Functions avoids."""
+    if impl == "floor":
+
+        def bare(mu, logvar, decode, x):
+            z, kl = _BareLatent.apply(mu, logvar)
+            return z, _BareLoss.apply(decode(z), kl)[0]
+
+        return bare
     ops_impl = "triton" if impl == "fused" else "torch"
 
     def head(mu, logvar, decode, x):

@@ -119,14 +119,15 @@ def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: obje
 
 
 def _fused_latent(mu: Tensor, logvar: Tensor, samples: int, log_ratio: bool) -> tuple[Tensor, ...]:
-    """The fused latent step: the custom op when torch.compile traces, the autograd Function otherwise."""
-    if torch.compiler.is_compiling():
-        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64)  # traced: a CPU draw
-        z, kl, lr = _ops().sample_latent_op(mu, logvar, seed, samples)
-        if log_ratio:
-            return z, kl, lr
-        return (z.squeeze(0) if samples == 1 else z), kl
-    return _ops().SampleLatent.apply(mu, logvar, _draw_seed(mu.device), samples, log_ratio)
+    """The fused latent step: the autograd Function, or the custom op when torch.compile traces."""
+    ops = _OPS or _ops()
+    if not torch.compiler.is_compiling():
+        return ops.SampleLatent.apply(mu, logvar, _draw_seed(mu.device), samples, log_ratio)
+    seed = torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64)  # traced: a CPU draw
+    z, kl, lr = ops.sample_latent_op(mu, logvar, seed, samples)
+    if log_ratio:
+        return z, kl, lr
+    return (z.squeeze(0) if samples == 1 else z), kl
 
 
 def sample_latent_iw(

@@ -171,10 +171,7 @@ def _blocks(B: int, K: int, itemsize: int) -> tuple[int, int, int]:
     return gpu_tile(B, K, itemsize, 128)
 
 
-def _wide_counter(samples: int, B: int, K: int) -> bool:
-    return samples * B * K >= 2**31
-
-
+_WIDE = 2**31  # S*B*K from which the Philox counters need int64 arithmetic
 _forward = CachedKernel(_latent_fwd_kernel, values=("seed_value",))
 _backward = CachedKernel(_latent_bwd_kernel, values=("seed_value",))
 
@@ -190,20 +187,24 @@ def latent_forward(
     """
     B, K = mu.shape
     dev = mu.device
-    z = torch.empty((B, K) if squeeze and samples == 1 else (samples, B, K), dtype=mu.dtype, device=dev)
-    kl = torch.empty((B,), dtype=torch.float32, device=dev)
-    lr = torch.empty((samples, B), dtype=torch.float32, device=dev) if log_ratio else None
+    # (Sizes as separate ints, and empty_like where it gives the layout: the cheapest calls on the host.)
+    if squeeze and samples == 1:
+        z = torch.empty_like(mu) if mu.is_contiguous() else torch.empty(B, K, dtype=mu.dtype, device=dev)
+    else:
+        z = torch.empty(samples, B, K, dtype=mu.dtype, device=dev)
+    kl = torch.empty(B, dtype=torch.float32, device=dev)
+    lr = torch.empty(samples, B, dtype=torch.float32, device=dev) if log_ratio else None
     if B == 0 or K == 0:
         return z, kl.zero_(), lr if lr is None else lr.zero_()
     block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
-    in_memory = isinstance(seed, Tensor)
+    in_memory = type(seed) is not int
     _forward.launch(
         (cdiv(B, block_b), samples),
         (
             mu, logvar, seed if in_memory else None, z, kl, lr, B, K, *mu.stride(), *logvar.stride(),
             0 if in_memory else seed,
         ),  # fmt: skip
-        (block_b, block_k, _wide_counter(samples, B, K), in_memory, log_ratio),
+        (block_b, block_k, samples * B * K >= _WIDE, in_memory, log_ratio),
         num_warps,
     )
     return z, kl, lr
@@ -220,12 +221,13 @@ def latent_backward(
     """
     samples, B, K = grad_z.shape if grad_z.dim() == 3 else (1, *grad_z.shape)
     gz_strides = grad_z.stride() if grad_z.dim() == 3 else (0, *grad_z.stride())
-    dmu = torch.empty((B, K), dtype=mu.dtype, device=mu.device)
-    dlv = torch.empty((B, K), dtype=logvar.dtype, device=logvar.device)
+    dev = mu.device
+    dmu = torch.empty_like(mu) if mu.is_contiguous() else torch.empty(B, K, dtype=mu.dtype, device=dev)
+    dlv = torch.empty_like(logvar) if logvar.is_contiguous() else torch.empty(B, K, dtype=logvar.dtype, device=dev)
     if B == 0 or K == 0:
         return dmu, dlv
     block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
-    in_memory = isinstance(seed, Tensor)
+    in_memory = type(seed) is not int
     _backward.launch(
         (cdiv(B, block_b), cdiv(K, block_k)),
         (
@@ -233,7 +235,7 @@ def latent_backward(
             *mu.stride(), *logvar.stride(), *gz_strides, 0 if grad_kl is None else grad_kl.stride(0),
             *((0, 0) if grad_lr is None else grad_lr.stride()), 0 if in_memory else seed,
         ),  # fmt: skip
-        (block_b, block_k, _wide_counter(samples, B, K), in_memory, grad_kl is not None, grad_lr is not None),
+        (block_b, block_k, samples * B * K >= _WIDE, in_memory, grad_kl is not None, grad_lr is not None),
         num_warps,
     )
     return dmu, dlv

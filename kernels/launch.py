@@ -92,14 +92,17 @@ class CachedKernel:
         active = driver.active
         device = active.get_current_device()
         n_ptr, n_exact = self.n_ptr, self.n_exact
-        key = (
-            device,
-            constexprs,
-            num_warps,
-            tuple([None if t is None else (t.dtype, t.data_ptr() & 15 == 0) for t in args[:n_ptr]]),
-            args[n_ptr:n_exact],
-            tuple([_value_class(v) for v in args[n_exact:]]),
-        )
+        key = [device, constexprs, num_warps]  # flat: building nested tuples costs more than the lookup
+        for t in args[:n_ptr]:
+            if t is None:
+                key.append(None)
+            else:
+                key.append(t.dtype)
+                key.append(t.data_ptr() & 15 == 0)
+        key += args[n_ptr:n_exact]
+        for v in args[n_exact:]:
+            key.append(_value_class(v))
+        key = tuple(key)
         kernel = self.variants.get(key)
         if kernel is None:
             self.variants[key] = self._through_triton(grid, args, constexprs, num_warps)

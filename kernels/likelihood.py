@@ -39,7 +39,7 @@ HALF_LOG_2PI = tl.constexpr(0.9189385332046727)  # 0.5 * log(2*pi)
 @triton.jit
 def _loglik_kernel(
     x_ptr, out_ptr, ls_ptr, w_ptr, logp_ptr, dout_ptr, dls_ptr,
-    R, B, D,
+    R, B, D, logp_offset,
     sx_s, sx_b, sx_d, so_s, so_b, so_d, sl_s, sl_b, sl_d, sw,
     ls_const, w_const,
     DIST: tl.constexpr, HAS_LS_TENSOR: tl.constexpr, HAS_ROW_WEIGHTS: tl.constexpr,
@@ -88,31 +88,31 @@ def _loglik_kernel(
         if WRITE_DLS:
             tl.store(dls_ptr + g_row + cols[None, :], (w * (sq - 1.0)).to(dls_ptr.dtype.element_ty), mask=mask)
     if WRITE_LOGP:
-        tl.store(logp_ptr + rows, acc, mask=row_mask)
+        tl.store(logp_ptr + logp_offset + rows, acc, mask=row_mask)
 
 
-# The fused loss's state (fp32, STATE_SIZE values), which the two kernels below index by these offsets:
-# [0, 1] the stash's two scale slots, [DKL] the KL's gradient, [TERMS, TERMS + 3) the loss's terms, [6] the
-# KL's weight in the loss (beta / B).
-DKL, TERMS = 2, 3
-STATE_SIZE = 7
+# The fused loss's state (fp32, STATE_SIZE + R values), which the two kernels below index by these offsets:
+# [0, 1] the stash's two scale slots, [DKL] the KL's gradient, [TERMS, TERMS + 3) the loss's terms, [BETA]
+# the KL's weight in the loss (beta / B), [7] unused, and from STATE_SIZE the R rows' log p (32-byte aligned).
+DKL, TERMS, BETA = 2, 3, 6
+STATE_SIZE = 8
 
 
 @triton.jit
 def _elbo_finish_kernel(
-    logp_ptr, kl_ptr, beta_ptr, loss_ptr, state_ptr,
+    kl_ptr, beta_ptr, loss_ptr, state_ptr,
     R, B, stride_kl,
     beta_value,
     BLOCK: tl.constexpr, BETA_IN_MEMORY: tl.constexpr,
 ):
-    # grid: (1,). loss = -mean_r(log p) + beta * mean_b(kl); the terms, state[3:6] = batch means of
-    # (log p - kl, kl, log p) with beta = 1; state[6] = beta / B. state[0] = 1: the stash holds the gradient
-    # for an upstream gradient of 1 (see _rescale_kernel). beta is read from memory (a CUDA graph's
-    # replays see its current value) or passed by value.
+    # grid: (1,). loss = -mean_r(log p) + beta * mean_b(kl), with log p at state[8:8 + R]; the terms,
+    # state[3:6] = batch means of (log p - kl, kl, log p) with beta = 1; state[6] = beta / B. state[0] = 1:
+    # the stash holds the gradient for an upstream gradient of 1 (see _rescale_kernel). beta is read from
+    # memory (a CUDA graph's replays see its current value) or passed by value.
     offs = tl.arange(0, BLOCK)
     logp_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, R, BLOCK):
-        logp_acc += tl.load(logp_ptr + r0 + offs, mask=r0 + offs < R, other=0.0)
+        logp_acc += tl.load(state_ptr + 8 + r0 + offs, mask=r0 + offs < R, other=0.0)
     kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for b0 in range(0, B, BLOCK):
         rows = (b0 + offs).to(tl.int64)
@@ -159,6 +159,8 @@ def _rescale_kernel(
 _loglik = CachedKernel(_loglik_kernel, values=("ls_const", "w_const"))
 _finish = CachedKernel(_elbo_finish_kernel, values=("beta_value",))
 _rescale = CachedKernel(_rescale_kernel)
+_FINISH_BLOCK = 1024 if not INTERPRET else 1 << 16
+_RESCALE_BLOCK = 4096 if not INTERPRET else 1 << 20
 
 
 @functools.cache
@@ -170,101 +172,125 @@ def _blocks(R: int, D: int, itemsize: int) -> tuple[int, int, int]:
     return gpu_tile(R, D, itemsize, 1024)
 
 
-def _strides3(t: Tensor) -> tuple[int, int, int]:
-    """Strides of `t` (up to 3 dims) broadcast to (S, B, D): a missing or size-1 dimension gets stride 0."""
-    shape, stride = t.shape, t.stride()
-    if len(shape) == 2:
-        return 0, 0 if shape[0] == 1 else stride[0], 0 if shape[1] == 1 else stride[1]
+def _log_scale_strides(log_scale: Tensor) -> tuple[int, int, int]:
+    """Strides of a log-scale (up to 3 dims) broadcast to (S, B, D): a missing or size-1 dimension gets 0."""
+    shape, stride = log_scale.shape, log_scale.stride()
     pad = 3 - len(shape)
     return tuple(0 if i < pad or shape[i - pad] == 1 else stride[i - pad] for i in range(3))
 
 
-def log_likelihood_launch(
-    x: Tensor,
-    out: Tensor,
-    dist: str,
-    log_scale: Tensor | None,
-    log_scale_const: float,
-    *,
-    row_weights: Tensor | None = None,
-    row_weight_const: float = 0.0,
-    write_logp: bool = True,
-    write_dout: bool = False,
-    write_dls: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the likelihood kernel over out (S, B, D) or (B, D), any strides.
-
-    x: (B, D); log_scale: None (use the float `log_scale_const`) or a tensor broadcastable to out.
-    row_weights: (S*B,)-viewable weights w_r, or None to use `row_weight_const` for every row.
-    Returns (logp (S*B,) fp32 nats, dout like out (contiguous, out's dtype), dls like out (contiguous,
-    fp32, to be reduced to the log-scale's shape)); None for an output not asked for.
-    """
-    shape = (1, *out.shape) if out.dim() == 2 else tuple(out.shape)
-    S, B, D = shape
+def _launch_loglik(
+    x: Tensor, out: Tensor, dist: str, log_scale: Tensor | None, log_scale_const: float,
+    row_weights: Tensor | None, row_weight_const: float, logp: Tensor | None, dout: Tensor | None,
+    dls: Tensor | None, logp_offset: int = 0,
+) -> None:
+    """One launch of the likelihood kernel over out (S, B, D) or (B, D), any strides, x (B, D), writing the
+    outputs given (logp (S*B,) from element `logp_offset` on, dout and dls contiguous like out; None: not
+    written). row_weights: (S*B,) per-row weights, or None to weight every row by `row_weight_const`."""
+    if out.dim() == 2:
+        S, (B, D), so = 1, out.shape, (0, *out.stride())
+    else:
+        (S, B, D), so = out.shape, out.stride()
     R = S * B
-    dev = out.device
-    logp = torch.empty((R,), dtype=torch.float32, device=dev) if write_logp else None
-    dout = torch.empty(out.shape, dtype=out.dtype, device=dev) if write_dout else None
-    dls = torch.empty(out.shape, dtype=torch.float32, device=dev) if write_dls else None
-    if R == 0:
-        return logp, dout, dls
-    if D == 0:
-        return logp if logp is None else logp.zero_(), dout, dls
+    if R == 0 or D == 0:
+        return
     block_r, block_d, num_warps = _blocks(R, D, min(x.element_size(), out.element_size()))
-    w = row_weights.reshape(-1) if row_weights is not None else None
+    sl = (0, 0, 0) if log_scale is None else _log_scale_strides(log_scale)
     _loglik.launch(
         (cdiv(R, block_r),),
         (
-            x, out, log_scale, w, logp, dout, dls, R, B, D,
-            *_strides3(x), *_strides3(out),
-            *(_strides3(log_scale) if log_scale is not None else (0, 0, 0)), 0 if w is None else w.stride(0),
-            float(log_scale_const), float(row_weight_const),
+            x, out, log_scale, row_weights, logp, dout, dls, R, B, D, logp_offset, 0, *x.stride(), *so, *sl,
+            0 if row_weights is None else row_weights.stride(0), float(log_scale_const), float(row_weight_const),
         ),  # fmt: skip
         (
             DISTRIBUTIONS[dist], log_scale is not None, row_weights is not None,
-            write_logp, write_dout, write_dls, block_r, block_d,
+            logp is not None, dout is not None, dls is not None, block_r, block_d,
         ),  # fmt: skip
         num_warps,
     )
-    return logp, dout, dls
 
 
-def elbo_finish(logp: Tensor, kl: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Reduce the rows' log p (R,) fp32 and the KL (B,) to the loss, in one launch of one program.
+def _empty_like_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous tensor of t's shape (empty_like, the cheapest call, where it gives one)."""
+    if dtype == t.dtype and t.is_contiguous():
+        return torch.empty_like(t)
+    return torch.empty(*t.shape, dtype=dtype, device=t.device)
+
+
+def _reduce_to_log_scale(dls: Tensor | None, log_scale: Tensor | None) -> Tensor | None:
+    """The elementwise fp32 gradient of the log-scale, summed over its broadcast dimensions, in its dtype."""
+    return None if dls is None else dls.sum_to_size(log_scale.shape).to(log_scale.dtype)
+
+
+def log_likelihood_launch(
+    x: Tensor, out: Tensor, dist: str, log_scale: Tensor | None, log_scale_const: float
+) -> Tensor:
+    """Per-row log p(x|z): logp (S*B,) fp32 nats, for x (B, D) and out (S, B, D) or (B, D), any strides;
+    log_scale: None (use the float `log_scale_const`) or a tensor broadcastable to out."""
+    R = out.shape[:-1].numel()
+    logp = torch.empty(R, dtype=torch.float32, device=out.device)
+    if R and not out.shape[-1]:
+        return logp.zero_()
+    _launch_loglik(x, out, dist, log_scale, log_scale_const, None, 0.0, logp, None, None)
+    return logp
+
+
+def log_likelihood_grads_launch(
+    row_weights: Tensor, x: Tensor, out: Tensor, dist: str, log_scale: Tensor | None, log_scale_const: float,
+    need_dls: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The weighted gradients of log p(x|z): row_weights (any shape of S*B elements, e.g. the upstream
+    gradient of log p) -> (w_r * d log p / d out, contiguous like out; the sum of w_r * d log p / d log_scale
+    over the log-scale's broadcast dimensions, in its shape and dtype, or None without `need_dls`)."""
+    dout = _empty_like_contiguous(out, out.dtype)
+    dls = _empty_like_contiguous(out, torch.float32) if need_dls else None
+    _launch_loglik(x, out, dist, log_scale, log_scale_const, row_weights.reshape(-1), 0.0, None, dout, dls)
+    return dout, _reduce_to_log_scale(dls, log_scale)
+
+
+def elbo_launch(
+    x: Tensor, out: Tensor, kl: Tensor, dist: str, log_scale: Tensor | None, log_scale_const: float,
+    beta: float | Tensor, need_dls: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The fused loss's forward, in two launches: log p and its gradient for an upstream gradient of 1 (the
+    stash), then one program that reduces the rows and the KL (B,) to the loss.
 
     beta: the KL's weight, a float or a one-element tensor on the device (read by the kernel).
-    Returns loss () fp32 = -mean(log p) + beta * mean(kl), in nats, and the loss's state (STATE_SIZE,) fp32:
-    the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient (written by `rescale_grads`), at
-    TERMS the batch means of (log p - kl, kl, log p) in nats, and beta / B. An empty batch gives
-    NaN, as a mean over no rows does.
+    Returns loss () fp32 = -mean over the S*B rows of log p + beta * mean(kl), in nats; the loss's state
+    (STATE_SIZE + S*B,) fp32: the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient
+    (written by `rescale_grads`), at TERMS the batch means of (log p - kl, kl, log p) in nats, beta / B, and
+    from STATE_SIZE the rows' log p; and the stash: d loss / d out (like out) and d loss / d log_scale (of
+    the log-scale's shape and dtype) or None. An empty batch gives NaN, as a mean over no rows does.
     """
-    dev = logp.device
+    R = out.shape[:-1].numel()
+    dev = out.device
+    state = torch.empty(STATE_SIZE + R, dtype=torch.float32, device=dev)  # the rows' log p go after the state
+    dout = _empty_like_contiguous(out, out.dtype)
+    dls = _empty_like_contiguous(out, torch.float32) if need_dls else None
+    if R and not out.shape[-1]:
+        state[STATE_SIZE:].zero_()
+    _launch_loglik(x, out, dist, log_scale, log_scale_const, None, -1.0 / max(R, 1), state, dout, dls, STATE_SIZE)
     loss = torch.empty((), dtype=torch.float32, device=dev)
-    state = torch.empty((STATE_SIZE,), dtype=torch.float32, device=dev)
-    block = 1024 if not INTERPRET else 1 << 16
-    in_memory = isinstance(beta, Tensor)
+    in_memory = type(beta) is not float
     _finish.launch(
         (1,),
-        (
-            logp, kl, beta if in_memory else None, loss, state, logp.shape[0], kl.shape[0], kl.stride(0),
-            0.0 if in_memory else beta,
-        ),  # fmt: skip
-        (block, in_memory),
+        (kl, beta if in_memory else None, loss, state, R, kl.shape[0], kl.stride(0), 0.0 if in_memory else beta),
+        (_FINISH_BLOCK, in_memory),
         4,
     )
-    return loss, state
+    return loss, state, dout, _reduce_to_log_scale(dls, log_scale)
 
 
-def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, read_slot: int = 0) -> None:
+def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, read_slot: int) -> None:
     """The fused loss's backward, in place and in one launch: scale the stash (dout, dls or None; contiguous)
     from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
     state[1 - read_slot], and write the KL's gradient grad * beta / B to state[DKL].
     The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
-    n_dout, n_dls = dout.numel(), 0 if dls is None else dls.numel()
-    block = 4096 if not INTERPRET else 1 << 20
+    n_dout = dout.numel()
+    n_dls = 0 if dls is None else dls.numel()
     _rescale.launch(
-        (max(1, cdiv(max(n_dout, n_dls), block)),),
+        (max(1, cdiv(max(n_dout, n_dls), _RESCALE_BLOCK)),),
         (dout, dls, grad, state, n_dout, n_dls, read_slot),
-        (block, dls is not None),
+        (_RESCALE_BLOCK, dls is not None),
         8,
     )

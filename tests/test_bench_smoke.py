@@ -93,16 +93,19 @@ def test_host_overhead_counts_the_launches(tmp_path):
     forward+backward, every one a Triton kernel, against tens of ops for the eager reference."""
     path = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager",
+    command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager", "floor",
                "--json", str(path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(path.read_text())
     rows = {(r["name"], r["impl"]): r for r in data["results"]}
-    assert set(rows) == {("head", "fused"), ("head", "eager"), ("engine", "engine"), ("engine", "bare loop")}
+    assert set(rows) == {
+        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("engine", "engine"), ("engine", "bare loop")
+    }  # fmt: skip
     fused, eager = rows["head", "fused"], rows["head", "eager"]
     assert fused["launches"] == fused["triton_launches"] == 5  # fwd: latent, likelihood, loss; bwd: 2
     assert eager["triton_launches"] == 0 and eager["launches"] > 10 * fused["launches"]
+    assert rows["head", "floor"]["launches"] == 0  # allocations and a view only
     assert all(math.isfinite(r["host_us"]) and r["step_us"] > 0 for r in rows.values())
     assert rows["engine", "engine"]["triton_launches"] == rows["engine", "bare loop"]["triton_launches"] == 5
     assert data["environment"]["launches"].startswith("compile-only driver (sm_90a)")

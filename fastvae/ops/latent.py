@@ -23,14 +23,15 @@ def _seed_value(seed: Tensor) -> int | Tensor:
     return int(seed) if seed.device.type == "cpu" else seed
 
 
-def _latent_grads(ctx, grads: tuple[Tensor | None, ...], backward: Callable[..., tuple[Tensor, Tensor]]) -> _Grads:
+def _latent_grads(
+    grads: tuple[Tensor | None, ...], mu: Tensor, logvar: Tensor, seed: int | Tensor, samples: int,
+    backward: Callable[..., tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
     """d(mu, logvar) from the upstream gradients of (z, kl[, log_ratio]); None for an unused output."""
     grad_z, grad_kl, grad_lr = grads if len(grads) == 3 else (*grads, None)
-    mu, logvar, seed = ctx.saved_tensors if ctx.seed is None else (*ctx.saved_tensors, ctx.seed)
     if grad_z is None:  # z unused (its KL alone was): no gradient flows through the noise
-        grad_z = torch.zeros((ctx.samples, *mu.shape), dtype=mu.dtype, device=mu.device)
-    dmu, dlogvar = backward(grad_z, grad_kl, grad_lr, mu, logvar, seed)
-    return dmu, dlogvar, None, None
+        grad_z = torch.zeros((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+    return backward(grad_z, grad_kl, grad_lr, mu, logvar, seed)
 
 
 # ------------------------------------------------------------------------------------------ eager path
@@ -56,7 +57,9 @@ class SampleLatent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple:
-        return (*_latent_grads(ctx, grads, latent_backward), None)
+        mu, logvar = ctx.saved_tensors
+        dmu, dlogvar = _latent_grads(grads, mu, logvar, ctx.seed, ctx.samples, latent_backward)
+        return dmu, dlogvar, None, None, None
 
 
 # ------------------------------------------------------------------------------ the torch.compile path
@@ -97,12 +100,13 @@ def _(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed):
 def _setup_context(ctx, inputs, output) -> None:
     mu, logvar, seed, samples = inputs
     ctx.save_for_backward(mu, logvar, seed)
-    ctx.seed, ctx.samples = None, samples
+    ctx.samples = samples
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, *grads: Tensor | None) -> _Grads:
-    return _latent_grads(ctx, grads, sample_latent_backward_op)
+    mu, logvar, seed = ctx.saved_tensors
+    return *_latent_grads(grads, mu, logvar, seed, ctx.samples, sample_latent_backward_op), None, None
 
 
 sample_latent_op.register_autograd(_backward, setup_context=_setup_context)

@@ -13,13 +13,20 @@ a torch custom op for `torch.compile` (docs/design.md says why).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fastvae.kernels.likelihood import DKL, STATE_SIZE, TERMS, elbo_finish, log_likelihood_launch, rescale_grads
+from fastvae.kernels.likelihood import (
+    DKL,
+    STATE_SIZE,
+    TERMS,
+    elbo_launch,
+    log_likelihood_grads_launch,
+    log_likelihood_launch,
+    rescale_grads,
+)
 
 
 def _data_grad(dist: str, dout: Tensor, out: Tensor, row_weight: Tensor, x: Tensor) -> Tensor:
@@ -27,11 +34,6 @@ def _data_grad(dist: str, dout: Tensor, out: Tensor, row_weight: Tensor, x: Tens
     if dist == "gaussian":
         return (-dout).sum_to_size(x.shape).to(x.dtype)
     return (row_weight * out.float()).sum_to_size(x.shape).to(x.dtype)
-
-
-def _reduce_log_scale_grad(dls: Tensor, log_scale: Tensor | None) -> Tensor | None:
-    """Sum the elementwise fp32 gradient over the broadcast dimensions, then cast to the log-scale's dtype."""
-    return None if log_scale is None else dls.sum_to_size(log_scale.shape).to(log_scale.dtype)
 
 
 def _fake_grads(out: Tensor, log_scale: Tensor | None, need_dls: bool) -> tuple[Tensor, Tensor]:
@@ -44,20 +46,15 @@ def _fake_grads(out: Tensor, log_scale: Tensor | None, need_dls: bool) -> tuple[
 
 
 def _log_likelihood(x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str) -> Tensor:
-    logp, _, _ = log_likelihood_launch(x, out, dist, log_scale, log_scale_const)
-    return logp.reshape(out.shape[:-1])
+    return log_likelihood_launch(x, out, dist, log_scale, log_scale_const).reshape(out.shape[:-1])
 
 
 def _log_likelihood_backward(
     grad: Tensor, x: Tensor, out: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str, need_dls: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """grad: upstream gradient of log p, shaped out.shape[:-1]. Returns (d out, d log_scale reduced to
     log_scale's shape, or None when not needed)."""
-    _, dout, dls = log_likelihood_launch(
-        x, out, dist, log_scale, log_scale_const, row_weights=grad, write_logp=False, write_dout=True,
-        write_dls=need_dls,
-    )  # fmt: skip
-    return dout, (_reduce_log_scale_grad(dls, log_scale) if need_dls else None)
+    return log_likelihood_grads_launch(grad, x, out, dist, log_scale, log_scale_const, need_dls)
 
 
 def _ll_setup_context(ctx, inputs, output) -> None:
@@ -127,27 +124,6 @@ log_likelihood_op.register_autograd(
 # ---------------------------------------------------------------- scalar loss, gradient in the forward
 
 
-def _elbo_loss(
-    x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str,
-    beta: float | Tensor, need_dls: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Two launches: log p and its gradient (the stash), then the reduction to the loss.
-
-    Returns (loss () fp32 = mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats; the loss's
-    state (STATE_SIZE,) fp32, whose TERMS are the batch means of (log p - kl, kl, log p) in nats; d loss/d out
-    for an upstream gradient of 1; d loss/d log_scale, or None).
-    """
-    rows = out.shape[:-1].numel()
-    logp, dout, dls = log_likelihood_launch(
-        x, out, dist, log_scale, log_scale_const, row_weight_const=-1.0 / max(rows, 1),
-        write_logp=True, write_dout=True, write_dls=need_dls,
-    )  # fmt: skip
-    if need_dls:
-        dls = _reduce_log_scale_grad(dls, log_scale)
-    loss, state = elbo_finish(logp, kl, beta)
-    return loss, state, dout, dls
-
-
 def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, stash: tuple) -> None:
     """The backward's context. The stash (dout, dls or None, state) is rescaled in place by each backward, so
     it is held on ctx rather than saved with save_for_backward (whose version check would refuse a second
@@ -160,14 +136,19 @@ def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, stash: tuple
         ctx.save_for_backward(out, x)
 
 
-def _elbo_grads(ctx, grad: Tensor | None, rescale: Callable[..., None]) -> tuple:
-    """Gradients of (x, out, kl, log_scale) and Nones for the rest: `rescale(dout, dls, grad, state)` brings
-    the stash to `grad` in place and writes the KL's gradient to state[DKL]."""
+def _elbo_grads(ctx, grad: Tensor | None, read_slot: int | None) -> tuple:
+    """Gradients of (x, out, kl, log_scale) and Nones for the rest. The stash is brought to `grad` in place and
+    the KL's gradient written to state[DKL]: by `rescale_grads` reading scale slot `read_slot` (the eager
+    path alternates the slots), or with `read_slot` None by the custom op `elbo_rescale_` (a traced
+    backward)."""
     if grad is None:
         return (None,) * len(ctx.needs_input_grad)
     dout, dls, state = ctx.stash
     needs = ctx.needs_input_grad
-    rescale(dout, dls, grad, state)
+    if read_slot is None:
+        elbo_rescale_op(dout, dls, grad, state)
+    else:
+        rescale_grads(dout, dls, grad, state, read_slot)
     dkl = None
     if needs[2]:  # the same value for every row: a broadcast view of state[DKL]
         dkl = state.as_strided((ctx.batch,), (0,), DKL)
@@ -185,15 +166,15 @@ class ElboLoss(torch.autograd.Function):
     beta: a float, or a one-element tensor on the device (its current value is read by the kernel).
 
     loss: () fp32, the mean over the S*B rows of -log p(x|z) + beta * mean(kl), in nats per sample; state:
-    the loss's detached state, whose `state[TERMS:TERMS + 3]` are the batch means of (log p - kl, kl, log p)
-    (the ELBO with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or (S, B, D); kl (B,); log_scale as
-    in `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager path: two launches forward and
-    one backward, no dispatcher round trip.
+    the loss's detached state ((STATE_SIZE + S*B,) fp32), whose `state[TERMS:TERMS + 3]` are the batch means
+    of (log p - kl, kl, log p) (the ELBO with beta = 1, the KL, log p(x|z)). x (B, D); out (B, D) or
+    (S, B, D); kl (B,); log_scale as in `LogLikelihood`; need_dls: the log-scale tensor requires grad. Eager
+    path: two launches forward and one backward, no dispatcher round trip.
     """
 
     @staticmethod
     def forward(ctx, x, out, kl, log_scale, log_scale_const, dist, beta, need_dls) -> tuple[Tensor, Tensor]:
-        loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
+        loss, state, dout, dls = elbo_launch(x, out, kl, dist, log_scale, log_scale_const, beta, need_dls)
         _elbo_setup(ctx, x, out, kl, dist, (dout, dls, state))
         ctx.mark_non_differentiable(state)
         ctx.backwards = 0  # which scale slot the next backward reads (see kernels/likelihood.py)
@@ -201,13 +182,9 @@ class ElboLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, _state: None) -> tuple:
-        return _elbo_grads(ctx, grad, functools.partial(_rescale_alternating, ctx))
-
-
-def _rescale_alternating(ctx, dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor) -> None:
-    """`rescale_grads` reading the slot that the previous backward (or the forward) wrote."""
-    read_slot, ctx.backwards = ctx.backwards % 2, ctx.backwards + 1
-    rescale_grads(dout, dls, grad, state, read_slot)
+        read_slot = ctx.backwards & 1  # the slot the previous backward (or the forward) wrote
+        ctx.backwards += 1
+        return _elbo_grads(ctx, grad, read_slot)
 
 
 def elbo_terms_of(state: Tensor) -> Tensor:
@@ -220,10 +197,10 @@ def elbo_loss_op(
     x: Tensor, out: Tensor, kl: Tensor, log_scale: Tensor | None, log_scale_const: float, dist: str,
     beta: Tensor | None, beta_value: float, need_dls: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_elbo_loss` as a custom op, with beta a tensor or None (then `beta_value`): (loss, state, and the
+    """`elbo_launch` as a custom op, with beta a tensor or None (then `beta_value`): (loss, state, and the
     stash for autograd: dout, dls or an empty tensor)."""
     beta = beta_value if beta is None else beta
-    loss, state, dout, dls = _elbo_loss(x, out, kl, log_scale, log_scale_const, dist, beta, need_dls)
+    loss, state, dout, dls = elbo_launch(x, out, kl, dist, log_scale, log_scale_const, beta, need_dls)
     return loss, state, dout, dout.new_empty((0,)) if dls is None else dls
 
 
@@ -231,14 +208,14 @@ def elbo_loss_op(
 def _(x, out, kl, log_scale, log_scale_const, dist, beta, beta_value, need_dls):
     dout, dls = _fake_grads(out, log_scale, need_dls)
     f32 = torch.float32
-    return out.new_empty((), dtype=f32), out.new_empty((STATE_SIZE,), dtype=f32), dout, dls
+    return out.new_empty((), dtype=f32), out.new_empty((STATE_SIZE + out.shape[:-1].numel(),), dtype=f32), dout, dls
 
 
 @torch.library.custom_op("fastvae::elbo_rescale_", mutates_args=("dout", "dls", "state"))
 def elbo_rescale_op(dout: Tensor, dls: Tensor, grad: Tensor, state: Tensor) -> None:
     """`rescale_grads` for a traced backward, which cannot alternate the scale slots: it reads slot 0 and
     then records `grad` there (one more launch than the eager path)."""
-    rescale_grads(dout, dls if dls.numel() else None, grad, state)
+    rescale_grads(dout, dls if dls.numel() else None, grad, state, 0)
     state[:1].copy_(grad.reshape(1))
 
 
@@ -254,5 +231,5 @@ def _elbo_op_setup(ctx, inputs, output) -> None:
 
 
 elbo_loss_op.register_autograd(
-    lambda ctx, grad, *unused: _elbo_grads(ctx, grad, elbo_rescale_op), setup_context=_elbo_op_setup
+    lambda ctx, grad, *unused: _elbo_grads(ctx, grad, None), setup_context=_elbo_op_setup
 )
