@@ -92,9 +92,9 @@ def _loglik_kernel(
 
 
 # The fused loss's state (fp32, STATE_SIZE + R values), which the two kernels below index by these offsets:
-# [0, 1] the stash's two scale slots, [DKL] the KL's gradient, [TERMS, TERMS + 3) the loss's terms, [BETA]
-# the KL's weight in the loss (beta / B), [7] unused, and from STATE_SIZE the R rows' log p (32-byte aligned).
-DKL, TERMS, BETA = 2, 3, 6
+# [0, 1] the stash's two scale slots, [DKL] the KL's gradient, [TERMS, TERMS + 3) the loss's terms, [6] the
+# KL's weight in the loss (beta / B), [7] unused, and from STATE_SIZE the R rows' log p (32-byte aligned).
+DKL, TERMS = 2, 3
 STATE_SIZE = 8
 
 
