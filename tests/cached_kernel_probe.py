@@ -1,0 +1,110 @@
+"""Run by `test_cached_kernel.py` without TRITON_INTERPRET: does `CachedKernel`'s key pick the variant that
+Triton itself would launch?
+
+Under the compile-only driver (kernels compiled for sm_90a, launches recorded, nothing run), every launch of
+the public fused ops goes twice: through `CachedKernel.launch` (after the first call of a variant, its
+direct path) and through Triton's own dispatch. Each records the compiled variant it reached; they must be
+the same. The cases vary what Triton specialises on: dtypes, alignment (views that start mid-row), sizes and
+strides, ints that are 1 or multiples of 16, the seed, the KL weight and the log-scale's kind. Prints one JSON
+line: {"launches": N, "direct": N, "mismatches": [...]}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import torch
+from fastvae.kernels.compile_only import compile_only
+from fastvae.kernels.launch import CachedKernel
+
+import fastvae
+from fastvae import functional
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+
+    def head(mu, logvar, x, decode, samples=1, **loss_args) -> None:
+        if samples == 1:
+            z, kl = fastvae.sample_latent(mu, logvar, impl="triton")
+        else:
+            z, kl, _ = fastvae.sample_latent_iw(mu, logvar, samples=samples, impl="triton")
+        loss = fastvae.elbo_loss(x, decode(z), kl, impl="triton", **loss_args)
+        (loss * 0.5).backward()  # an upstream gradient other than 1: the rescale's full path
+
+    def bernoulli(B: int, K: int, D: int, dtype: torch.dtype) -> Callable[[], None]:
+        w = leaf(K, D, dtype=dtype)
+        x = torch.rand(B, D, generator=g).round().to(dtype)
+        return lambda: head(leaf(B, K, dtype=dtype), leaf(B, K, dtype=dtype), x, lambda z: z @ w, dist="bernoulli")
+
+    for dtype in DTYPES:
+        for B, K, D in ((8, 4, 16), (5, 3, 33), (1, 16, 1)):
+            yield f"bernoulli {dtype} B={B} K={K} D={D}", bernoulli(B, K, D, dtype)
+    # The same sizes and strides, with views that start at a row (16-byte aligned) or one value into it (not).
+    h, w, data = leaf(6, 16), leaf(5, 24), torch.rand(6, 25, generator=g)
+    for name, start in (("aligned", 0), ("unaligned", 1)):
+        yield f"{name} views", lambda start=start: head(
+            h[:, start : start + 5], h[:, 8 + start : 13 + start], data[:, start : start + 24], lambda z: z @ w,
+            dist="gaussian", log_scale=0.3,
+        )  # fmt: skip
+    mu_t = leaf(5, 6).t()
+    yield "transposed mu, 2 samples", lambda: head(
+        mu_t, leaf(6, 5), torch.rand(6, 24, generator=g), lambda z: z @ w, samples=2
+    )
+    log_scale = leaf(24)
+    yield "learned (D,) log-scale, beta tensor", lambda: head(
+        leaf(6, 5), leaf(6, 5), torch.rand(6, 24, generator=g), lambda z: z @ w, log_scale=log_scale,
+        beta=torch.tensor(0.5),
+    )  # fmt: skip
+    yield "per-row log-likelihood", lambda: fastvae.log_likelihood(
+        torch.rand(6, 24, generator=g), leaf(3, 6, 24), log_scale=leaf(3, 6, 24), impl="triton"
+    ).sum().backward()
+
+
+def _seeds() -> Iterator[int]:
+    """Seeds of every class Triton specialises an int on: multiples of 16 and not, in turn."""
+    seed = 2**40
+    while True:
+        yield seed
+        yield seed + 1
+        seed += 16
+
+
+def main() -> None:
+    seeds = _seeds()
+    functional._draw_seed = lambda device: next(seeds)
+    with compile_only() as driver:
+        launch = CachedKernel.launch
+        counts = {"launches": 0, "direct": 0}
+        mismatches: list[dict[str, str]] = []
+        current = {"case": ""}
+
+        def twice(self, grid, args, constexprs, num_warps):
+            before = len(self.variants)  # a launch that caches no new variant took the direct path
+            start = len(driver.launches)
+            launch(self, grid, args, constexprs, num_warps)
+            self._through_triton(grid, args, constexprs, num_warps)
+            cached, triton = driver.launches[start:]
+            counts["launches"] += 1
+            counts["direct"] += len(self.variants) == before
+            if cached.metadata.hash != triton.metadata.hash:
+                mismatches.append({**current, "kernel": cached.name, "constexprs": repr(constexprs)})
+
+        CachedKernel.launch = twice
+        try:
+            for current["case"], run in _cases():
+                for _ in range(2):  # the first call caches each variant through Triton, the second is direct
+                    run()
+        finally:
+            CachedKernel.launch = launch
+    print(json.dumps({**counts, "mismatches": mismatches}))
+
+
+if __name__ == "__main__":
+    main()
