@@ -128,11 +128,10 @@ def _elbo_setup(ctx, x: Tensor, out: Tensor, kl: Tensor, dist: str, stash: tuple
     """The backward's context. The stash (dout, dls or None, state) is rescaled in place by each backward, so
     it is held on ctx rather than saved with save_for_backward (whose version check would refuse a second
     backward under retain_graph)."""
-    batch = kl.shape[0]
-    ctx.dist, ctx.rows, ctx.batch, ctx.kl_dtype = dist, max(out.shape[:-1].numel(), 1), batch, kl.dtype
-    ctx.stash = stash
+    ctx.dist, ctx.batch, ctx.kl_dtype, ctx.stash = dist, kl.shape[0], kl.dtype, stash
     ctx.set_materialize_grads(False)  # no gradient buffers for the outputs that carry none
     if x.requires_grad:  # out is kept only when x needs a gradient (Bernoulli's d/dx uses the logits)
+        ctx.rows = max(out.shape[:-1].numel(), 1)
         ctx.save_for_backward(out, x)
 
 
