@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+from fastvae.kernels.likelihood import DKL, STATE_SIZE
 from rich.console import Console
 from rich.table import Table
 
@@ -142,7 +143,7 @@ class _BareLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, kl):
         ctx.set_materialize_grads(False)
-        state = torch.empty(8 + out.shape[0], dtype=torch.float32, device=out.device)
+        state = torch.empty(STATE_SIZE + out.shape[0], dtype=torch.float32, device=out.device)
         ctx.stash = torch.empty_like(out), state
         ctx.mark_non_differentiable(state)
         return torch.empty((), dtype=torch.float32, device=out.device), state
@@ -150,7 +151,7 @@ class _BareLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _state):
         dout, state = ctx.stash
-        return dout, state.as_strided((state.shape[0] - 8,), (0,), 2)
+        return dout, state.as_strided((state.shape[0] - STATE_SIZE,), (0,), DKL)
 
 
 def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
