@@ -2,7 +2,9 @@
 around the kernels, which is what a launch-bound step costs on a GPU.
 
 Measured in one run, on one thread, at tiny shapes (the compute is about zero), as the CPU time of the
-thread that runs the step (median over --reps steps):
+thread that runs the step. The steps compared are timed in --rounds interleaved rounds (each round times
+every one of them for --reps / --rounds steps, in turn), so that a slow spell of a shared machine weighs on
+all of them alike; a figure is the median over the rounds of each round's median:
 
   head     sample_latent + elbo_loss, forward and backward, for
              fused    impl="triton". Without CUDA the kernels are compiled for an H100 (sm_90a) by the
@@ -25,7 +27,7 @@ launches the compile-only driver records plus the torch ops that would each laun
 dispatcher sees but views, detach and allocations); the fused sampler's seed, drawn from the CPU generator,
 is host work and is not counted. torch.compile's kernels cannot be counted without CUDA ("-").
 
-Usage:  python -m bench.host_overhead [--reps 2000] [--impls fused eager compile floor] [--json PATH]
+Usage:  python -m bench.host_overhead [--reps 2000] [--rounds 5] [--impls fused eager compile floor] [--json PATH]
 It must run with TRITON_INTERPRET unset: the interpreter would run the kernels instead.
 """
 
@@ -68,6 +70,7 @@ class Result:
     baseline_us: float | None  # the step without the head (head rows only)
     launches: int | None  # device launches per step (None: not countable here)
     triton_launches: int | None
+    rounds_us: list[float] | None = None  # host_us of each round (their median is host_us)
 
 
 # ------------------------------------------------------------------------------------------- counting
@@ -210,14 +213,35 @@ def head_steps(impl: str, device: torch.device) -> HeadSteps:
     return HeadSteps(step, without_head, head_alone)
 
 
-def measure_head(impl: str, device: torch.device, reps: int, driver) -> Result:
-    steps = head_steps(impl, device)
-    step_us, baseline_us = median_us(steps.step, device, reps), median_us(steps.without_head, device, reps)
-    launches, triton_launches = (None, None)
-    if impl != "compile" or device.type == "cuda":
-        steps.head_alone()  # warm
-        launches, triton_launches = count_launches(steps.head_alone, device, driver)
-    return Result("head", impl, step_us - baseline_us, step_us, baseline_us, launches, triton_launches)
+def interleaved(steps: dict[str, Callable[[], object]], device: torch.device, reps: int, rounds: int) -> dict:
+    """{name: [median host us of each round]}: `rounds` rounds, each timing every step for reps // rounds
+    steps in turn, so that a slow spell of the machine weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(median_us(step, device, max(1, reps // rounds)))
+    return times
+
+
+def measure_heads(impls: list[str], device: torch.device, reps: int, rounds: int, driver) -> list[Result]:
+    """The head of each impl, timed in interleaved rounds (each round: every impl's step and the step without
+    the head); host_us is the median over the rounds of (step - without)."""
+    heads = {impl: head_steps(impl, device) for impl in impls}
+    steps = {(impl, part): getattr(h, part) for impl, h in heads.items() for part in ("step", "without_head")}
+    times = interleaved(steps, device, reps, rounds)
+    results = []
+    for impl, h in heads.items():
+        with_head, without = times[impl, "step"], times[impl, "without_head"]
+        per_round = [a - b for a, b in zip(with_head, without, strict=True)]
+        launches, triton_launches = (None, None)
+        if impl != "compile" or device.type == "cuda":
+            h.head_alone()  # warm
+            launches, triton_launches = count_launches(h.head_alone, device, driver)
+        results.append(Result(
+            "head", impl, statistics.median(per_round), statistics.median(with_head), statistics.median(without),
+            launches, triton_launches, per_round,
+        ))  # fmt: skip
+    return results
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -235,7 +259,7 @@ def tiny_trainer(device: torch.device) -> Trainer:
     return Trainer(config, model, batches, batches, io.StringIO(), device)
 
 
-def measure_engine(device: torch.device, reps: int, driver) -> list[Result]:
+def measure_engine(device: torch.device, reps: int, rounds: int, driver) -> list[Result]:
     trainer = tiny_trainer(device)
     x = next(iter(trainer.train.epoch(0)))
     model, optimizer = trainer.model, trainer.optimizer
@@ -246,12 +270,13 @@ def measure_engine(device: torch.device, reps: int, driver) -> list[Result]:
         out.loss.backward()
         optimizer.step()
 
+    steps = {"engine": lambda: trainer.train_step(x), "bare loop": bare_step}
+    times = interleaved(steps, device, reps, rounds)
     results = []
-    for impl, step in (("engine", lambda: trainer.train_step(x)), ("bare loop", bare_step)):
-        step()
-        us = median_us(step, device, reps)
+    for impl, step in steps.items():
+        us = statistics.median(times[impl])
         launches, triton_launches = count_launches(step, device, driver)
-        results.append(Result("engine", impl, us, us, None, launches, triton_launches))
+        results.append(Result("engine", impl, us, us, None, launches, triton_launches, times[impl]))
     return results
 
 
@@ -277,7 +302,8 @@ def render(results: list[Result], env: dict[str, str]) -> Table:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=2000, help="timed steps per measurement (median)")
+    p.add_argument("--reps", type=int, default=2000, help="timed steps per measurement, over all rounds")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (host us: the median over them)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="head implementations")
     p.add_argument("--no-engine", action="store_true", help="skip the engine step")
     p.add_argument("--json", default=None, help="write results and environment here")
@@ -293,12 +319,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     from fastvae.kernels.compile_only import compile_only
 
     with contextlib.nullcontext(None) if cuda else compile_only() as driver:
-        results = [measure_head(impl, device, args.reps, driver) for impl in args.impls]
+        results = measure_heads(args.impls, device, args.reps, args.rounds, driver)
         if not args.no_engine:
-            results += measure_engine(device, args.reps, driver)
+            results += measure_engine(device, args.reps, args.rounds, driver)
     Console(width=max(Console().width, 120)).print(render(results, env))
     if args.json:
-        settings = {"reps": args.reps, "B": B, "K": K, "D": D, "threads": 1, "command": " ".join(sys.argv)}
+        settings = {"reps": args.reps, "rounds": args.rounds, "B": B, "K": K, "D": D, "threads": 1,
+                    "command": " ".join(sys.argv)}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({"benchmark": "host_overhead", "environment": env, "settings": settings,
                        "results": [asdict(r) for r in results]}, f, indent=2)  # fmt: skip
