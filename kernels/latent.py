@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, gpu_tile, next_power_of_2
+from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, next_power_of_2
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def latent_forward(
     dev = mu.device
     # (Sizes as separate ints, and empty_like where it gives the layout: the cheapest calls on the host.)
     if squeeze and samples == 1:
-        z = torch.empty_like(mu) if mu.is_contiguous() else torch.empty(B, K, dtype=mu.dtype, device=dev)
+        z = empty_contiguous(mu)
     else:
         z = torch.empty(samples, B, K, dtype=mu.dtype, device=dev)
     kl = torch.empty(B, dtype=torch.float32, device=dev)
@@ -221,9 +221,7 @@ def latent_backward(
     """
     samples, B, K = grad_z.shape if grad_z.dim() == 3 else (1, *grad_z.shape)
     gz_strides = grad_z.stride() if grad_z.dim() == 3 else (0, *grad_z.stride())
-    dev = mu.device
-    dmu = torch.empty_like(mu) if mu.is_contiguous() else torch.empty(B, K, dtype=mu.dtype, device=dev)
-    dlv = torch.empty_like(logvar) if logvar.is_contiguous() else torch.empty(B, K, dtype=logvar.dtype, device=dev)
+    dmu, dlv = empty_contiguous(mu), empty_contiguous(logvar)
     if B == 0 or K == 0:
         return dmu, dlv
     block_b, block_k, num_warps = _blocks(B, K, mu.element_size())

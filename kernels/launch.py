@@ -1,5 +1,5 @@
 """Launch helpers shared by the kernels: interpreter detection, block-size heuristics, and `CachedKernel`,
-which launches a compiled kernel without Triton's per-launch dispatch."""
+which launches a compiled kernel without Triton's per-launch dispatch, and `empty_contiguous` for outputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import inspect
 import os
 from typing import Any
 
+import torch
 from triton import knobs
 from triton.runtime import driver
 
@@ -23,6 +24,14 @@ def next_power_of_2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive ints (triton.cdiv costs a microsecond of constexpr wrapping per call)."""
     return -(-a // b)
+
+
+def empty_contiguous(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised contiguous tensor of t's shape, device and `dtype` (default t's). `torch.empty_like`
+    where it gives that layout (its Python call is about half the host time of `torch.empty`'s)."""
+    if (dtype is None or dtype == t.dtype) and t.is_contiguous():
+        return torch.empty_like(t)
+    return torch.empty(*t.shape, dtype=t.dtype if dtype is None else dtype, device=t.device)
 
 
 def gpu_tile(rows: int, cols: int, itemsize: int, max_block_cols: int) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, gpu_tile, next_power_of_2
+from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, next_power_of_2
 
 GAUSSIAN = 0
 BERNOULLI = 1
@@ -210,13 +210,6 @@ def _launch_loglik(
     )
 
 
-def _empty_like_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialised contiguous tensor of t's shape (empty_like, the cheapest call, where it gives one)."""
-    if dtype == t.dtype and t.is_contiguous():
-        return torch.empty_like(t)
-    return torch.empty(*t.shape, dtype=dtype, device=t.device)
-
-
 def _reduce_to_log_scale(dls: Tensor | None, log_scale: Tensor | None) -> Tensor | None:
     """The elementwise fp32 gradient of the log-scale, summed over its broadcast dimensions, in its dtype."""
     return None if dls is None else dls.sum_to_size(log_scale.shape).to(log_scale.dtype)
@@ -242,8 +235,8 @@ def log_likelihood_grads_launch(
     """The weighted gradients of log p(x|z): row_weights (any shape of S*B elements, e.g. the upstream
     gradient of log p) -> (w_r * d log p / d out, contiguous like out; the sum of w_r * d log p / d log_scale
     over the log-scale's broadcast dimensions, in its shape and dtype, or None without `need_dls`)."""
-    dout = _empty_like_contiguous(out, out.dtype)
-    dls = _empty_like_contiguous(out, torch.float32) if need_dls else None
+    dout = empty_contiguous(out)
+    dls = empty_contiguous(out, torch.float32) if need_dls else None
     _launch_loglik(x, out, dist, log_scale, log_scale_const, row_weights.reshape(-1), 0.0, None, dout, dls)
     return dout, _reduce_to_log_scale(dls, log_scale)
 
@@ -265,8 +258,8 @@ def elbo_launch(
     R = out.shape[:-1].numel()
     dev = out.device
     state = torch.empty(STATE_SIZE + R, dtype=torch.float32, device=dev)  # the rows' log p go after the state
-    dout = _empty_like_contiguous(out, out.dtype)
-    dls = _empty_like_contiguous(out, torch.float32) if need_dls else None
+    dout = empty_contiguous(out)
+    dls = empty_contiguous(out, torch.float32) if need_dls else None
     if R and not out.shape[-1]:
         state[STATE_SIZE:].zero_()
     _launch_loglik(x, out, dist, log_scale, log_scale_const, None, -1.0 / max(R, 1), state, dout, dls, STATE_SIZE)
