@@ -189,11 +189,11 @@ def _launches_counted_as_ops(counter: CountOps) -> Iterator[None]:
 
     launch = CachedKernel.launch
 
-    def counted(self, grid, args, constexprs, num_warps):
+    def counted(self, plan, pointers, values=()):
         counter.ops += 1
-        counter.bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        counter.bytes += sum(a.numel() * a.element_size() for a in pointers if isinstance(a, torch.Tensor))
         with torch.utils._python_dispatch._disable_current_modes():
-            launch(self, grid, args, constexprs, num_warps)
+            launch(self, plan, pointers, values)
 
     CachedKernel.launch = counted
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -85,7 +86,21 @@ def _draw_seed(device: torch.device) -> int | Tensor:
         return _DEVICE_SEEDS.draw()
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    return torch.randint(_SEED_LOW, _SEED_HIGH, ()).item()
+    buffer = getattr(_SEED_BUFFER, "tensor", None)
+    if buffer is None:
+        buffer = _SEED_BUFFER.tensor = _new_seed_buffer()
+    # The same draw as torch.randint(_SEED_LOW, _SEED_HIGH, ()).item(), without allocating a tensor.
+    return buffer.random_(_SEED_LOW, _SEED_HIGH).item()
+
+
+_SEED_BUFFER = threading.local()  # per thread: two threads drawing at once must not read each other's seed
+
+
+def _new_seed_buffer() -> Tensor:
+    """A CPU int64 scalar to draw seeds into: a normal tensor (not an inference tensor, which could not be
+    drawn into outside inference mode) on the CPU whatever torch's default device."""
+    with torch.inference_mode(False):
+        return torch.empty((), dtype=torch.int64, device="cpu")
 
 
 def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: object) -> str:

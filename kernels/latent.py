@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, next_power_of_2
+from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, layout, next_power_of_2
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _seed(seed_ptr, seed_value, SEED_IN_MEMORY: tl.constexpr):
     return seed_value
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])  # one variant for every seed
 def _latent_fwd_kernel(
     mu_ptr, lv_ptr, seed_ptr, z_ptr, kl_ptr, lr_ptr,
     B, K,
@@ -107,7 +107,7 @@ def _latent_fwd_kernel(
         tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_value"])
 def _latent_bwd_kernel(
     mu_ptr, lv_ptr, seed_ptr, gz_ptr, gkl_ptr, glr_ptr, dmu_ptr, dlv_ptr,
     B, K, S,
@@ -196,17 +196,21 @@ def latent_forward(
     lr = torch.empty(samples, B, dtype=torch.float32, device=dev) if log_ratio else None
     if B == 0 or K == 0:
         return z, kl.zero_(), lr if lr is None else lr.zero_()
-    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     in_memory = type(seed) is not int
-    _forward.launch(
-        (cdiv(B, block_b), samples),
-        (
-            mu, logvar, seed if in_memory else None, z, kl, lr, B, K, *mu.stride(), *logvar.stride(),
-            0 if in_memory else seed,
-        ),  # fmt: skip
-        (block_b, block_k, samples * B * K >= _WIDE, in_memory, log_ratio),
-        num_warps,
-    )
+    # The plan's key: the layouts its ints, grid and constexprs, and Triton's specialisation, depend on
+    # (z, kl and lr are fresh allocations, hence aligned; z has mu's dtype).
+    key = (
+        mu.shape, mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
+        logvar.data_ptr() & 15 == 0, samples, in_memory, log_ratio,
+    )  # fmt: skip
+    plan = _forward.plans.get(key)
+    if plan is None:
+        block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
+        plan = _forward.plan(
+            key, (cdiv(B, block_b), samples), (B, K, *mu.stride(), *logvar.stride()),
+            (block_b, block_k, samples * B * K >= _WIDE, in_memory, log_ratio), num_warps,
+        )  # fmt: skip
+    _forward.launch(plan, (mu, logvar, seed if in_memory else None, z, kl, lr), (0 if in_memory else seed,))
     return z, kl, lr
 
 
@@ -224,16 +228,24 @@ def latent_backward(
     dmu, dlv = empty_contiguous(mu), empty_contiguous(logvar)
     if B == 0 or K == 0:
         return dmu, dlv
-    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
     in_memory = type(seed) is not int
-    _backward.launch(
-        (cdiv(B, block_b), cdiv(K, block_k)),
-        (
-            mu, logvar, seed if in_memory else None, grad_z, grad_kl, grad_lr, dmu, dlv, B, K, samples,
-            *mu.stride(), *logvar.stride(), *gz_strides, 0 if grad_kl is None else grad_kl.stride(0),
-            *((0, 0) if grad_lr is None else grad_lr.stride()), 0 if in_memory else seed,
-        ),  # fmt: skip
-        (block_b, block_k, samples * B * K >= _WIDE, in_memory, grad_kl is not None, grad_lr is not None),
-        num_warps,
-    )
+    key = (
+        grad_z.shape, grad_z.stride(), grad_z.dtype, grad_z.data_ptr() & 15 == 0, layout(grad_kl),
+        layout(grad_lr), mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
+        logvar.data_ptr() & 15 == 0, in_memory,
+    )  # fmt: skip
+    plan = _backward.plans.get(key)
+    if plan is None:
+        block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
+        plan = _backward.plan(
+            key, (cdiv(B, block_b), cdiv(K, block_k)),
+            (
+                B, K, samples, *mu.stride(), *logvar.stride(), *gz_strides,
+                0 if grad_kl is None else grad_kl.stride(0), *((0, 0) if grad_lr is None else grad_lr.stride()),
+            ),
+            (block_b, block_k, samples * B * K >= _WIDE, in_memory, grad_kl is not None, grad_lr is not None),
+            num_warps,
+        )  # fmt: skip
+    seed_ptr = seed if in_memory else None
+    _backward.launch(plan, (mu, logvar, seed_ptr, grad_z, grad_kl, grad_lr, dmu, dlv), (0 if in_memory else seed,))
     return dmu, dlv

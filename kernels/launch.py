@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,28 +52,36 @@ def gpu_tile(rows: int, cols: int, itemsize: int, max_block_cols: int) -> tuple[
     return block_rows, block_cols, max(1, min(8, block_rows * block_cols // (32 * per_thread)))
 
 
-def _value_class(value: Any) -> Any:
-    """What Triton specialises a scalar on, for a value that is not part of the key: an int's width and
-    signedness, whether it is 1 and whether it is a multiple of 16; another value's type."""
-    if type(value) is not int:
-        return type(value)
-    return -(2**31) <= value < 2**31, value >> 63, value == 1, value & 15 == 0
+@dataclass(slots=True)
+class LaunchPlan:
+    """How one kind of call launches a kernel: the grid, the int arguments whose values Triton specialises
+    on (sizes, strides, flags), the constexprs and num_warps, and per device the compiled variant (set by the
+    first launch there, which goes through Triton)."""
+
+    grid: tuple[int, int, int]
+    ints: tuple[int, ...]
+    constexprs: tuple
+    num_warps: int
+    compiled: dict[Any, Any] = field(default_factory=dict)
 
 
 class CachedKernel:
-    """A `@triton.jit` kernel launched with Triton's dispatch done once per compiled variant.
+    """A `@triton.jit` kernel launched by plans, with Triton's dispatch done once per plan and device.
 
     `fn[grid](*args, **constexprs)` binds the arguments, specialises them and looks the variant up by a string
-    key at every launch: about 10 us of Python, several times a small kernel's run time. `launch` finds the
-    variant in its own cache and calls its compiled launcher directly; the first launch of a variant goes
-    through Triton, which compiles it. Under TRITON_INTERPRET=1 every launch goes through the interpreter.
+    key at every launch: about 10 us of Python, several times a small kernel's run time. A launcher instead
+    looks a `LaunchPlan` up in `plans` by a key of its inputs' layouts (shapes, strides, dtypes, 16-byte
+    alignment, flags), builds it on a miss with `plan`, and calls `launch(plan, pointers, values)`: the
+    first launch of a plan on a device goes through Triton (which compiles the variant if needed), the later
+    ones call the variant's compiled launcher directly. Under TRITON_INTERPRET=1 every launch goes through the
+    interpreter.
 
-    The kernel's parameters come in this order: the pointers (named `*_ptr`; a tensor or None), the ints
-    whose exact values key the cache (sizes and strides), the scalars named in `values` (floats, or ints
-    such as a seed that change at every launch: keyed by what Triton specialises them on), then the
-    `tl.constexpr`s. The key is what determines Triton's own specialisation: per pointer its dtype and
-    whether its address is 16-byte aligned, the ints' values, the values' classes, the constexprs and
-    num_warps, and the device.
+    The key must determine everything Triton specialises on: per pointer its dtype and whether its address
+    is 16-byte aligned (fresh allocations are), the ints' values, the `values`' types, and the plan's
+    constexprs and num_warps. `tests/test_cached_kernel.py` checks that every public op's plans reach the
+    variant Triton's own dispatch would. The kernel's parameters come in this order: the pointers (named
+    `*_ptr`; a tensor or None), the plan's ints, the scalars named in `values` (floats, or ints such as a
+    seed marked `do_not_specialize`), then the `tl.constexpr`s.
     """
 
     def __init__(self, fn: Any, values: tuple[str, ...] = ()) -> None:
@@ -80,58 +89,63 @@ class CachedKernel:
         params = inspect.signature(fn.fn).parameters  # `fn` may be a JITFunction or an interpreted one
         names = list(params)
         constexprs = [name for name, p in params.items() if "constexpr" in str(p.annotation)]
-        self.n_ptr = sum(name.endswith("_ptr") for name in names)
-        self.n_exact = len(names) - len(constexprs) - len(values)
+        n_ptr = sum(name.endswith("_ptr") for name in names)
+        n_ints = len(names) - len(constexprs) - len(values)
         expected = (
             [n for n in names if n.endswith("_ptr")]
-            + [n for n in names[self.n_ptr : self.n_exact] if not n.endswith("_ptr")]
+            + [n for n in names[n_ptr:n_ints] if not n.endswith("_ptr")]
             + list(values)
             + constexprs
         )
         if names != expected:
             raise TypeError(f"{fn.__name__}: parameters must be the pointers, the ints, {values}, the constexprs")
         self.constexpr_names = tuple(constexprs)
-        self.variants: dict[tuple, Any] = {}
+        self.plans: dict[tuple, LaunchPlan] = {}
 
-    def launch(self, grid: tuple[int, ...], args: tuple, constexprs: tuple, num_warps: int) -> None:
-        """`fn[grid](*args, **dict(zip(constexpr names, constexprs)), num_warps=num_warps)`."""
+    def plan(self, key: tuple, grid: tuple[int, ...], ints: tuple, constexprs: tuple, num_warps: int) -> LaunchPlan:
+        """Record and return the plan of the calls whose inputs have the layouts `key`."""
+        if len(self.plans) >= _MAX_PLANS:  # a run that keeps changing shapes: start over rather than grow
+            self.plans.clear()
+        plan = self.plans[key] = LaunchPlan((*grid, 1, 1)[:3], ints, constexprs, num_warps)
+        return plan
+
+    def launch(self, plan: LaunchPlan, pointers: tuple, values: tuple = ()) -> None:
+        """`fn[plan.grid](*pointers, *plan.ints, *values, **constexprs, num_warps=plan.num_warps)`."""
         if INTERPRET:
-            self._through_triton(grid, args, constexprs, num_warps)
+            self._through_triton(plan, pointers, values)
             return
         active = driver.active
         device = active.get_current_device()
-        n_ptr, n_exact = self.n_ptr, self.n_exact
-        key = [device, constexprs, num_warps]  # flat: building nested tuples costs more than the lookup
-        for t in args[:n_ptr]:
-            if t is None:
-                key.append(None)
-            else:
-                key.append(t.dtype)
-                key.append(t.data_ptr() & 15 == 0)
-        key += args[n_ptr:n_exact]
-        for v in args[n_exact:]:
-            key.append(_value_class(v))
-        key = tuple(key)
-        kernel = self.variants.get(key)
+        kernel = plan.compiled.get(device)
         if kernel is None:
-            self.variants[key] = self._through_triton(grid, args, constexprs, num_warps)
+            plan.compiled[device] = self._through_triton(plan, pointers, values)
             return
         stream = active.get_current_stream(device)
         runtime = knobs.runtime
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if _hooked(enter) or _hooked(leave):  # a profiler's hooks: they are given the launch's metadata
-            metadata = kernel.launch_metadata(grid, stream, *args, *constexprs)
+            metadata = kernel.launch_metadata(plan.grid, stream, *pointers, *plan.ints, *values, *plan.constexprs)
         else:
             enter = leave = metadata = None
+        grid = plan.grid
         kernel.run(
-            grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, kernel.function, kernel.packed_metadata, metadata,
-            enter, leave, *args, *constexprs,
+            grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
+            *pointers, *plan.ints, *values, *plan.constexprs,
         )  # fmt: skip
 
-    def _through_triton(self, grid: tuple[int, ...], args: tuple, constexprs: tuple, num_warps: int) -> Any:
+    def _through_triton(self, plan: LaunchPlan, pointers: tuple, values: tuple) -> Any:
         """Triton's own launch (compiling the variant if needed); returns the compiled kernel."""
-        named = dict(zip(self.constexpr_names, constexprs, strict=True))
-        return self.fn[grid](*args, **named, num_warps=num_warps)
+        named = dict(zip(self.constexpr_names, plan.constexprs, strict=True))
+        return self.fn[plan.grid](*pointers, *plan.ints, *values, **named, num_warps=plan.num_warps)
+
+
+_MAX_PLANS = 1024
+
+
+def layout(t: torch.Tensor | None) -> tuple | None:
+    """A launch plan's key for an optional tensor argument: None, or its shape, strides, dtype and whether
+    its address is 16-byte aligned."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15 == 0)
 
 
 def _hooked(hook: Any) -> bool:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, next_power_of_2
+from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, layout, next_power_of_2
 
 GAUSSIAN = 0
 BERNOULLI = 1
@@ -194,19 +194,27 @@ def _launch_loglik(
     R = S * B
     if R == 0 or D == 0:
         return
-    block_r, block_d, num_warps = _blocks(R, D, min(x.element_size(), out.element_size()))
-    sl = (0, 0, 0) if log_scale is None else _log_scale_strides(log_scale)
+    # The plan's key: the layouts its ints, grid and constexprs, and Triton's specialisation, depend on (the
+    # outputs are fresh allocations, hence aligned: dout has out's dtype, logp and dls are fp32).
+    key = (
+        x.stride(), x.dtype, x.data_ptr() & 15 == 0, out.shape, out.stride(), out.dtype, out.data_ptr() & 15 == 0,
+        layout(log_scale), layout(row_weights), logp is None, dout is None, dls is None, logp_offset, dist,
+    )  # fmt: skip
+    plan = _loglik.plans.get(key)
+    if plan is None:
+        block_r, block_d, num_warps = _blocks(R, D, min(x.element_size(), out.element_size()))
+        sl = (0, 0, 0) if log_scale is None else _log_scale_strides(log_scale)
+        plan = _loglik.plan(
+            key, (cdiv(R, block_r),),
+            (R, B, D, logp_offset, 0, *x.stride(), *so, *sl, 0 if row_weights is None else row_weights.stride(0)),
+            (
+                DISTRIBUTIONS[dist], log_scale is not None, row_weights is not None,
+                logp is not None, dout is not None, dls is not None, block_r, block_d,
+            ),
+            num_warps,
+        )  # fmt: skip
     _loglik.launch(
-        (cdiv(R, block_r),),
-        (
-            x, out, log_scale, row_weights, logp, dout, dls, R, B, D, logp_offset, 0, *x.stride(), *so, *sl,
-            0 if row_weights is None else row_weights.stride(0), float(log_scale_const), float(row_weight_const),
-        ),  # fmt: skip
-        (
-            DISTRIBUTIONS[dist], log_scale is not None, row_weights is not None,
-            logp is not None, dout is not None, dls is not None, block_r, block_d,
-        ),  # fmt: skip
-        num_warps,
+        plan, (x, out, log_scale, row_weights, logp, dout, dls), (float(log_scale_const), float(row_weight_const))
     )
 
 
@@ -265,12 +273,11 @@ def elbo_launch(
     _launch_loglik(x, out, dist, log_scale, log_scale_const, None, -1.0 / max(R, 1), state, dout, dls, STATE_SIZE)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     in_memory = type(beta) is not float
-    _finish.launch(
-        (1,),
-        (kl, beta if in_memory else None, loss, state, R, kl.shape[0], kl.stride(0), 0.0 if in_memory else beta),
-        (_FINISH_BLOCK, in_memory),
-        4,
-    )
+    key = (layout(kl), layout(beta) if in_memory else None, R)
+    plan = _finish.plans.get(key)
+    if plan is None:
+        plan = _finish.plan(key, (1,), (R, kl.shape[0], kl.stride(0)), (_FINISH_BLOCK, in_memory), 4)
+    _finish.launch(plan, (kl, beta if in_memory else None, loss, state), (0.0 if in_memory else beta,))
     return loss, state, dout, _reduce_to_log_scale(dls, log_scale)
 
 
@@ -279,11 +286,13 @@ def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor,
     from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
     state[1 - read_slot], and write the KL's gradient grad * beta / B to state[DKL].
     The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
-    n_dout = dout.numel()
-    n_dls = 0 if dls is None else dls.numel()
-    _rescale.launch(
-        (max(1, cdiv(max(n_dout, n_dls), _RESCALE_BLOCK)),),
-        (dout, dls, grad, state, n_dout, n_dls, read_slot),
-        (_RESCALE_BLOCK, dls is not None),
-        8,
-    )
+    key = (dout.numel(), dout.dtype, layout(dls), layout(grad), read_slot)
+    plan = _rescale.plans.get(key)
+    if plan is None:
+        n_dout = dout.numel()
+        n_dls = 0 if dls is None else dls.numel()
+        plan = _rescale.plan(
+            key, (max(1, cdiv(max(n_dout, n_dls), _RESCALE_BLOCK)),), (n_dout, n_dls, read_slot),
+            (_RESCALE_BLOCK, dls is not None), 8,
+        )  # fmt: skip
+    _rescale.launch(plan, (dout, dls, grad, state))

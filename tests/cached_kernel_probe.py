@@ -85,16 +85,16 @@ def main() -> None:
         mismatches: list[dict[str, str]] = []
         current = {"case": ""}
 
-        def twice(self, grid, args, constexprs, num_warps):
-            before = len(self.variants)  # a launch that caches no new variant took the direct path
+        def twice(self, plan, pointers, values=()):
+            direct = bool(plan.compiled)  # a plan launched before (on the one device): the direct path
             start = len(driver.launches)
-            launch(self, grid, args, constexprs, num_warps)
-            self._through_triton(grid, args, constexprs, num_warps)
+            launch(self, plan, pointers, values)
+            self._through_triton(plan, pointers, values)
             cached, triton = driver.launches[start:]
             counts["launches"] += 1
-            counts["direct"] += len(self.variants) == before
+            counts["direct"] += direct
             if cached.metadata.hash != triton.metadata.hash:
-                mismatches.append({**current, "kernel": cached.name, "constexprs": repr(constexprs)})
+                mismatches.append({**current, "kernel": cached.name, "constexprs": repr(plan.constexprs)})
 
         CachedKernel.launch = twice
         try:

@@ -130,8 +130,9 @@ def _cached_copy_twice() -> None:
     """A clean kernel, launched twice through CachedKernel: through Triton, then directly."""
     copy = CachedKernel(_copy_kernel)
     x, y = torch.empty(4096), torch.empty(4096)
+    plan = copy.plan((), (4,), (), (1024,), num_warps=8)
     for _ in range(2):
-        copy.launch((4,), (x, y), (1024,), num_warps=8)
+        copy.launch(plan, (x, y))
 
 
 # The --cases of the planted-regression run: one clean kernel, then one defect each.
