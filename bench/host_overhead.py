@@ -14,6 +14,11 @@ all of them alike; a figure is the median over the rounds of each round's median
              compile  torch.compile of the reference head
              floor    two bare autograd Functions with the fused path's allocations, and nothing else (no
                       checks, seed or launches): what any design of two Python Functions costs on this host
+           and, with --breakdown, where the fused figure goes (each row is fused less one layer):
+             functions    the fused autograd Functions called directly with a fixed seed: no public
+                          function, checks or seed draw
+             no launches  the same with every launch skipped (`CachedKernel.launch` a no-op): what is left
+                          is the Functions' and launchers' own work (keys, plans, context, allocations)
            host us: a minimal step (leaves mu, logvar (B, K) and W (K, D): z, kl = head; out = z @ W; loss;
            backward) minus the same step without the head (out = mu @ W; loss = out.sum(); backward).
            launches: the head's forward and backward alone (leaves mu, logvar, out; autograd.grad of loss and z,
@@ -27,7 +32,8 @@ launches the compile-only driver records plus the torch ops that would each laun
 dispatcher sees but views, detach and allocations); the fused sampler's seed, drawn from the CPU generator,
 is host work and is not counted. torch.compile's kernels cannot be counted without CUDA ("-").
 
-Usage:  python -m bench.host_overhead [--reps 2000] [--rounds 5] [--impls fused eager compile floor] [--json PATH]
+Usage:  python -m bench.host_overhead [--reps 2000] [--rounds 5] [--impls fused eager compile floor] [--breakdown]
+                                     [--json PATH]
 It must run with TRITON_INTERPRET unset: the interpreter would run the kernels instead.
 """
 
@@ -45,6 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+from fastvae.kernels.launch import CachedKernel
 from fastvae.kernels.likelihood import DKL, STATE_SIZE
 from rich.console import Console
 from rich.table import Table
@@ -58,6 +65,7 @@ from fastvae.engine import Trainer, synchronize
 from fastvae.options import build_model, build_parser, make_config
 
 IMPLS = ("fused", "eager", "compile", "floor")
+BREAKDOWN = ("functions", "no launches")
 B, K, D = 8, 4, 16  # tiny: the compute is about zero
 
 
@@ -157,6 +165,26 @@ class _BareLoss(torch.autograd.Function):
         return dout, state.as_strided((state.shape[0] - STATE_SIZE,), (0,), DKL)
 
 
+_FIXED_SEED = 2**40  # the breakdown's Functions take this seed instead of drawing one
+
+
+def _launches_skipped(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` with `CachedKernel.launch` a no-op for the duration of each call (the "no launches" row)."""
+    launch = CachedKernel.launch
+
+    def skip(kernel, plan, pointers, values=()) -> None:
+        return None
+
+    def skipped() -> None:
+        CachedKernel.launch = skip
+        try:
+            fn()
+        finally:
+            CachedKernel.launch = launch
+
+    return skipped
+
+
 def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head, or
     "floor": two bare autograd Functions with the fused path's allocations and nothing else (no checks, no
@@ -168,6 +196,14 @@ def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
             return z, _BareLoss.apply(decode(z), kl)[0]
 
         return bare
+    if impl in BREAKDOWN:  # "no launches" also needs its launches skipped: see head_steps
+        from fastvae.ops import ElboLoss, SampleLatent
+
+        def functions(mu, logvar, decode, x):
+            z, kl = SampleLatent.apply(mu, logvar, _FIXED_SEED, 1, False)
+            return z, ElboLoss.apply(x, decode(z), kl, None, 0.0, "bernoulli", 1.0, False)[0]
+
+        return functions
     ops_impl = "triton" if impl == "fused" else "torch"
 
     def head(mu, logvar, decode, x):
@@ -199,6 +235,7 @@ def head_steps(impl: str, device: torch.device) -> HeadSteps:
         loss.backward()
         mu.grad = logvar.grad = weight.grad = None
 
+
     def without_head():
         (mu @ weight).sum().backward()
         mu.grad = weight.grad = None
@@ -210,6 +247,8 @@ def head_steps(impl: str, device: torch.device) -> HeadSteps:
         z, loss = head(mu, logvar, lambda _: out, x)
         torch.autograd.grad([loss, z], [mu, logvar, out], [one, grad_z.detach()])
 
+    if impl == "no launches":
+        return HeadSteps(_launches_skipped(step), without_head, _launches_skipped(head_alone))
     return HeadSteps(step, without_head, head_alone)
 
 
@@ -305,6 +344,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--reps", type=int, default=2000, help="timed steps per measurement, over all rounds")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (host us: the median over them)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="head implementations")
+    p.add_argument("--breakdown", action="store_true", help="add the fused head's parts: " + ", ".join(BREAKDOWN))
     p.add_argument("--no-engine", action="store_true", help="skip the engine step")
     p.add_argument("--json", default=None, help="write results and environment here")
     args = p.parse_args(argv)
@@ -319,7 +359,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     from fastvae.kernels.compile_only import compile_only
 
     with contextlib.nullcontext(None) if cuda else compile_only() as driver:
-        results = measure_heads(args.impls, device, args.reps, args.rounds, driver)
+        impls = args.impls + list(BREAKDOWN if args.breakdown else ())
+        results = measure_heads(impls, device, args.reps, args.rounds, driver)
         if not args.no_engine:
             results += measure_engine(device, args.reps, args.rounds, driver)
     Console(width=max(Console().width, 120)).print(render(results, env))

@@ -86,21 +86,24 @@ def _draw_seed(device: torch.device) -> int | Tensor:
         return _DEVICE_SEEDS.draw()
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    buffer = getattr(_SEED_BUFFER, "tensor", None)
-    if buffer is None:
-        buffer = _SEED_BUFFER.tensor = _new_seed_buffer()
-    # The same draw as torch.randint(_SEED_LOW, _SEED_HIGH, ()).item(), without allocating a tensor.
-    return buffer.random_(_SEED_LOW, _SEED_HIGH).item()
+    # The same draw as torch.randint(_SEED_LOW, _SEED_HIGH, ()).item(), in one torch op instead of three.
+    _SEED_BUFFER.tensor.random_(_SEED_LOW, _SEED_HIGH)
+    return int(_SEED_BUFFER.value)
 
 
-_SEED_BUFFER = threading.local()  # per thread: two threads drawing at once must not read each other's seed
+class _SeedBuffer(threading.local):
+    """Per thread (two threads drawing at once must not read each other's seed): a CPU int64 scalar that the
+    seeds are drawn into, and a numpy view of it that reads the draw without another torch op. On the CPU
+    whatever torch's default device, and a normal tensor (an inference tensor, made under inference mode,
+    could not be drawn into outside it)."""
+
+    def __init__(self) -> None:
+        with torch.inference_mode(False):
+            self.tensor = torch.empty((), dtype=torch.int64, device="cpu")
+        self.value = self.tensor.numpy()
 
 
-def _new_seed_buffer() -> Tensor:
-    """A CPU int64 scalar to draw seeds into: a normal tensor (not an inference tensor, which could not be
-    drawn into outside inference mode) on the CPU whatever torch's default device."""
-    with torch.inference_mode(False):
-        return torch.empty((), dtype=torch.int64, device="cpu")
+_SEED_BUFFER = _SeedBuffer()
 
 
 def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: object) -> str:

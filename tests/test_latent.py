@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import DTYPES, TOLERANCES, assert_close
 from torch.distributions import Normal, kl_divergence
 
 import fastvae
+from fastvae import functional
 from fastvae import reference as ref
 
 
@@ -131,6 +133,39 @@ def test_same_seed_same_noise_and_fresh_noise_per_call(kernel_device):
     z1_again, _ = fastvae.sample_latent(mu, logvar, impl="triton")
     torch.testing.assert_close(z1, z1_again, rtol=0, atol=0)
     assert not torch.equal(z1, z2)
+
+
+def test_seed_is_torch_randint_draw():
+    """The seed is drawn into a per-thread buffer: the value (and the generator's state after it) is what
+    torch.randint would have drawn, so `torch.manual_seed` and a restored RNG state reproduce it."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(11)
+    seeds = [functional._draw_seed(cpu) for _ in range(3)]
+    after = torch.rand(())
+    torch.manual_seed(11)
+    expected = [torch.randint(2**31, 2**62, ()).item() for _ in range(3)]
+    assert seeds == expected and len(set(seeds)) == 3
+    assert torch.equal(after, torch.rand(()))
+
+
+def test_seed_buffer_per_thread_under_inference_mode_and_default_device():
+    """A thread whose first draw is under inference mode and a default-device context still draws after
+    leaving them (its buffer is a normal CPU tensor), and threads do not share a buffer."""
+    cpu = torch.device("cpu")
+    found: dict[str, object] = {}
+
+    def first_draw_in_modes() -> None:
+        with torch.inference_mode(), torch.device("meta"):
+            found["inside"] = functional._draw_seed(cpu)
+        found["outside"] = functional._draw_seed(cpu)
+        found["buffer"] = functional._SEED_BUFFER.tensor
+
+    thread = threading.Thread(target=first_draw_in_modes)
+    thread.start()
+    thread.join()
+    assert all(type(found[k]) is int and 2**31 <= found[k] < 2**62 for k in ("inside", "outside"))
+    assert found["buffer"].device.type == "cpu" and not found["buffer"].is_inference()
+    assert found["buffer"] is not functional._SEED_BUFFER.tensor
 
 
 def test_backward_uses_the_forward_noise(kernel_device):
