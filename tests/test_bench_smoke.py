@@ -94,14 +94,17 @@ def test_host_overhead_counts_the_launches(tmp_path):
     path = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager", "floor",
-               "--json", str(path)]  # fmt: skip
+               "--breakdown", "--json", str(path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(path.read_text())
     rows = {(r["name"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {
-        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("engine", "engine"), ("engine", "bare loop")
+        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("head", "functions"), ("head", "no launches"),
+        ("engine", "engine"), ("engine", "bare loop"),
     }  # fmt: skip
+    # The breakdown: the Functions called directly launch the same 5 kernels; with launches skipped, none.
+    assert rows["head", "functions"]["triton_launches"] == 5 and rows["head", "no launches"]["launches"] == 0
     fused, eager = rows["head", "fused"], rows["head", "eager"]
     assert fused["launches"] == fused["triton_launches"] == 5  # fwd: latent, likelihood, loss; bwd: 2
     assert eager["triton_launches"] == 0 and eager["launches"] > 10 * fused["launches"]
