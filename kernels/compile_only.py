@@ -81,10 +81,14 @@ class CompileOnlyDriver:
         return torch.device("cpu")
 
     def launcher_cls(self, src: Any, metadata: Any):
-        launches, name = self.launches, metadata.name
+        name = metadata.name
 
         def launch(grid_x: int, grid_y: int, grid_z: int, *args: Any) -> None:
-            launches.append(Launch(name, metadata, (grid_x, grid_y, grid_z)))
+            # Recorded by the driver active at the launch, which may not be the one that loaded the kernel: a
+            # variant compiled for another target, launched under this one, is recorded with its own target.
+            active = driver._active
+            recorder = active if isinstance(active, CompileOnlyDriver) else self
+            recorder.launches.append(Launch(name, metadata, (grid_x, grid_y, grid_z)))
 
         return launch
 

@@ -6,7 +6,9 @@ the public fused ops goes twice: through `CachedKernel.launch` (after the first 
 direct path) and through Triton's own dispatch. Each records the compiled variant it reached; they must be
 the same. The cases vary what Triton specialises on: dtypes, alignment (views that start mid-row), sizes and
 strides, ints that are 1 or multiples of 16, the seed, the KL weight and the log-scale's kind. Prints one JSON
-line: {"launches": N, "direct": N, "mismatches": [...]}.
+line: {"launches": N, "direct": N, "mismatches": [...], "wrong_target": [...], "devices": N}; the last two check
+that a plan launches each device's own compiled variant (the compile-only targets sm_80 and sm_90a stand for
+two devices).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import json
 from collections.abc import Callable, Iterator
 
 import torch
-from fastvae.kernels.compile_only import compile_only
+from fastvae.kernels import latent, likelihood
+from fastvae.kernels.compile_only import TARGETS, compile_only
 from fastvae.kernels.launch import CachedKernel
 
 import fastvae
@@ -103,8 +106,38 @@ def main() -> None:
                     run()
         finally:
             CachedKernel.launch = launch
-    print(json.dumps({**counts, "mismatches": mismatches}))
+    print(json.dumps({**counts, "mismatches": mismatches, **_per_device()}))
 
+
+def _per_device() -> dict[str, object]:
+    """A plan keeps a compiled variant per device: the same calls under the sm_80 driver, then sm_90a, then
+    sm_80 again (each target is a device of its own), must launch variants compiled for the active target.
+    Returns {"wrong_target": [the kernels launched with another target's variant], "devices": the most devices
+    a plan has compiled for}."""
+    _, run = next(_cases())
+    launch = CachedKernel.launch
+    calls: list[str] = []
+
+    def counted(self, plan, pointers, values=()):
+        calls.append(self.fn.__name__)
+        launch(self, plan, pointers, values)
+
+    wrong: list[str] = []
+    CachedKernel.launch = counted
+    try:
+        for name in ("sm_80", "sm_90a", "sm_80"):
+            calls.clear()
+            with compile_only(TARGETS[name]) as driver:
+                for _ in range(2):  # through Triton for a device the plan has not seen, then directly
+                    run()
+            reached = [launch.name for launch in driver.launches if launch.metadata.target == TARGETS[name]]
+            wrong += [kernel for kernel in calls if kernel not in reached or reached.remove(kernel)]
+            wrong += reached  # recorded with the right target, but not among the launches made
+    finally:
+        CachedKernel.launch = launch
+    kernels = (latent._forward, latent._backward, likelihood._loglik, likelihood._finish, likelihood._rescale)
+    devices = max(len(plan.compiled) for kernel in kernels for plan in kernel.plans.values())
+    return {"wrong_target": wrong, "devices": devices}
 
 if __name__ == "__main__":
     main()

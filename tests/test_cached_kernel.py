@@ -27,3 +27,5 @@ def test_the_cache_key_picks_tritons_variant():
     assert report["mismatches"] == []
     # Both paths were exercised: variants cached through Triton, and direct launches of cached ones.
     assert 0 < report["direct"] < report["launches"]
+    # Per device: every launch under each target used that target's variant, and plans held both.
+    assert report["wrong_target"] == [] and report["devices"] == 2
