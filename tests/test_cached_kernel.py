@@ -1,4 +1,4 @@
-"""`CachedKernel`'s direct launches reach the compiled variant that Triton's own dispatch would.
+"""`CachedKernel`'s launch plans reach the compiled variant that Triton's own dispatch would, per device, and stay bounded.
 
 Under TRITON_INTERPRET=1 (this suite) every launch goes through Triton, so the cache's key is never used;
 `cached_kernel_probe.py` runs without it, with the kernels compiled for sm_90a by the compile-only driver, and
@@ -29,3 +29,21 @@ def test_the_cache_key_picks_tritons_variant():
     assert 0 < report["direct"] < report["launches"]
     # Per device: every launch under each target used that target's variant, and plans held both.
     assert report["wrong_target"] == [] and report["devices"] == 2
+
+
+def test_plans_are_bounded(monkeypatch):
+    """A program that keeps changing shapes does not grow the plans without bound: past the limit they are
+    dropped and rebuilt, and every call still gets its own shape's plan."""
+    import torch
+    from fastvae.kernels import launch, likelihood
+
+    import fastvae
+
+    monkeypatch.setattr(launch, "_MAX_PLANS", 2)
+    monkeypatch.setattr(likelihood._loglik, "plans", {})
+    for rows in (3, 4, 5, 3):
+        x, out = torch.rand(rows, 7), torch.randn(rows, 7)
+        got = fastvae.log_likelihood(x, out, dist="bernoulli", impl="triton")
+        torch.testing.assert_close(got, fastvae.log_likelihood(x, out, dist="bernoulli", impl="torch"))
+        assert 1 <= len(likelihood._loglik.plans) <= 2
+        assert any(plan.ints[0] == rows for plan in likelihood._loglik.plans.values())  # R, the rows
