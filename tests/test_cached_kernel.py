@@ -1,4 +1,4 @@
-"""`CachedKernel`'s launch plans reach the compiled variant that Triton's own dispatch would, per device, and stay bounded.
+"""`CachedKernel`'s launch plans reach the variant Triton's own dispatch would, per device, and stay bounded.
 
 Under TRITON_INTERPRET=1 (this suite) every launch goes through Triton, so the cache's key is never used;
 `cached_kernel_probe.py` runs without it, with the kernels compiled for sm_90a by the compile-only driver, and
