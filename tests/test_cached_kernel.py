@@ -1,6 +1,6 @@
 """`CachedKernel`'s launch plans reach the variant Triton's own dispatch would, per device, and stay bounded.
 
-Under TRITON_INTERPRET=1 (this suite) every launch goes through Triton, so the cache's key is never used;
+Under TRITON_INTERPRET=1 (this suite) every launch goes through Triton, so the plans' variants are never used;
 `cached_kernel_probe.py` runs without it, with the kernels compiled for sm_90a by the compile-only driver, and
 launches each call of the public ops both ways (no GPU needed).
 """
