@@ -43,7 +43,7 @@ from fastvae.kernels.compile_only import TARGETS, compile_only
 from fastvae.kernels.resources import Budget, Resources, UnsupportedTriton, compiled_kernels, measure, violations
 
 import fastvae
-from fastvae import checks
+from fastvae import checks, functional
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "design.md"
 DOCS_BEGIN = "<!-- kernel-resources:begin (python -m bench.kernel_resources --update-docs) -->"
@@ -69,17 +69,22 @@ def tensor(shape: tuple[int, ...], dtype: torch.dtype, offset: int = 0) -> torch
     return torch.empty(math.prod(shape) + offset, dtype=dtype)[offset:].view(shape)
 
 
-def latent_case(dtype: str, samples: int, B: int, K: int, offset: int = 0, note: str = "") -> Case:
-    """`sample_latent` (S = 1) or `sample_latent_iw`, then backward from all outputs."""
+def latent_case(
+    dtype: str, samples: int, B: int, K: int, offset: int = 0, note: str = "", seeds_in_memory: bool = False
+) -> Case:
+    """`sample_latent` (S = 1) or `sample_latent_iw`, then backward from all outputs; with `seeds_in_memory`
+    the kernels read the seed from memory, as the steps of a `--cuda-graphs` run do (`functional.DeviceSeeds`)."""
     op = "sample_latent" if samples == 1 else "sample_latent_iw"
 
     def run() -> None:
         mu, logvar = (tensor((B, K), DTYPES[dtype], offset).requires_grad_() for _ in range(2))
-        if samples == 1:
-            outputs = fastvae.sample_latent(mu, logvar, impl="triton")
-        else:
-            outputs = fastvae.sample_latent_iw(mu, logvar, samples=samples, impl="triton")
-        torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
+        seeds = functional.device_seeds(functional.DeviceSeeds(mu.device, 2**40))
+        with seeds if seeds_in_memory else contextlib.nullcontext():
+            if samples == 1:
+                outputs = fastvae.sample_latent(mu, logvar, impl="triton")
+            else:
+                outputs = fastvae.sample_latent_iw(mu, logvar, samples=samples, impl="triton")
+            torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
 
     vector = (LATENT_INPUTS if offset == 0 else ()) + LATENT_OUTPUTS if K % 16 == 0 else ()
     return Case(f"{op} {dtype} S={samples} B={B} K={K}{note}", run, vector)
@@ -137,6 +142,7 @@ CASES = [
     latent_case("bf16", 1, 16, 1000, note=" (K not a multiple of 16, several K blocks)"),
     latent_case("bf16", 2, 256, 32, offset=1, note=ODD),
     latent_case("bf16", 1024, 16384, 128, note=" (wide Philox counter: S*B*K = 2^31)"),
+    latent_case("fp32", 1, 256, 32, note=" (seed read from memory)", seeds_in_memory=True),
     likelihood_case("gaussian", "fp32", 1, 64, 784),
     likelihood_case("gaussian", "fp16", 1, 64, 784, "float"),
     likelihood_case("gaussian", "fp32", 2, 32, 784, "() learned"),

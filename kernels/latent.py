@@ -62,10 +62,14 @@ def _box_muller(bits_radius, bits_angle):
 
 @triton.jit
 def _seed(seed_ptr, seed_value, SEED_IN_MEMORY: tl.constexpr):
-    """The Philox seed: read from device memory (a CUDA graph's replays draw fresh ones) or passed by value."""
+    """The Philox seed: read from device memory (a CUDA graph's replays draw fresh ones) or passed by value.
+    One return: after an early one Triton would also compile the other, whose seed_value (0, an int32 then)
+    does not match the loaded int64."""
     if SEED_IN_MEMORY:
-        return tl.load(seed_ptr)
-    return seed_value
+        seed = tl.load(seed_ptr)
+    else:
+        seed = seed_value
+    return seed
 
 
 @triton.jit(do_not_specialize=["seed_value"])  # one variant for every seed
@@ -201,7 +205,7 @@ def latent_forward(
     # (z, kl and lr are fresh allocations, hence aligned; z has mu's dtype).
     key = (
         mu.shape, mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
-        logvar.data_ptr() & 15 == 0, samples, in_memory, log_ratio,
+        logvar.data_ptr() & 15 == 0, samples, layout(seed) if in_memory else None, log_ratio,
     )  # fmt: skip
     plan = _forward.plans.get(key)
     if plan is None:
@@ -232,7 +236,7 @@ def latent_backward(
     key = (
         grad_z.shape, grad_z.stride(), grad_z.dtype, grad_z.data_ptr() & 15 == 0, layout(grad_kl),
         layout(grad_lr), mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
-        logvar.data_ptr() & 15 == 0, in_memory,
+        logvar.data_ptr() & 15 == 0, layout(seed) if in_memory else None,
     )  # fmt: skip
     plan = _backward.plans.get(key)
     if plan is None:

@@ -286,7 +286,10 @@ def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor,
     from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
     state[1 - read_slot], and write the KL's gradient grad * beta / B to state[DKL].
     The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
-    key = (dout.numel(), dout.dtype, layout(dls), layout(grad), read_slot)
+    key = (
+        dout.numel(), dout.dtype, dout.data_ptr() & 15 == 0, layout(dls), layout(grad), state.data_ptr() & 15 == 0,
+        read_slot,
+    )  # fmt: skip
     plan = _rescale.plans.get(key)
     if plan is None:
         n_dout = dout.numel()

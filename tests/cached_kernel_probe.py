@@ -23,6 +23,7 @@ from fastvae.kernels.launch import CachedKernel
 
 import fastvae
 from fastvae import functional
+from fastvae.ops import SampleLatent
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,6 +69,13 @@ def _cases() -> Iterator[tuple[str, Callable[[], None]]]:
     yield "per-row log-likelihood", lambda: fastvae.log_likelihood(
         torch.rand(6, 24, generator=g), leaf(3, 6, 24), log_scale=leaf(3, 6, 24), impl="triton"
     ).sum().backward()
+    seeds = functional.DeviceSeeds(torch.device("cpu"), 2**40)  # what a CUDA-graph run's steps draw
+
+    def seed_in_memory() -> None:
+        z, kl = SampleLatent.apply(leaf(6, 5), leaf(6, 5), seeds.draw(), 1, False)
+        fastvae.elbo_loss(torch.rand(6, 24, generator=g), z @ w, kl, dist="bernoulli", impl="triton").backward()
+
+    yield "seed read from memory", seed_in_memory
 
 
 def _seeds() -> Iterator[int]:
