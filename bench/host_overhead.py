@@ -235,7 +235,6 @@ def head_steps(impl: str, device: torch.device) -> HeadSteps:
         loss.backward()
         mu.grad = logvar.grad = weight.grad = None
 
-
     def without_head():
         (mu @ weight).sum().backward()
         mu.grad = weight.grad = None

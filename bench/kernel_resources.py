@@ -78,8 +78,8 @@ def latent_case(
 
     def run() -> None:
         mu, logvar = (tensor((B, K), DTYPES[dtype], offset).requires_grad_() for _ in range(2))
-        seeds = functional.device_seeds(functional.DeviceSeeds(mu.device, 2**40))
-        with seeds if seeds_in_memory else contextlib.nullcontext():
+        seeds = functional.DeviceSeeds(mu.device, 2**40) if seeds_in_memory else None
+        with functional.device_seeds(seeds) if seeds else contextlib.nullcontext():
             if samples == 1:
                 outputs = fastvae.sample_latent(mu, logvar, impl="triton")
             else:
