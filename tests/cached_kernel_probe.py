@@ -2,7 +2,7 @@
 Triton itself would launch?
 
 Under the compile-only driver (kernels compiled for sm_90a, launches recorded, nothing run), every launch of
-the public fused ops goes twice: through `CachedKernel.launch` (after the first call of a variant, its
+the public fused ops goes twice: through `CachedKernel.launch` (after a plan's first launch, its
 direct path) and through Triton's own dispatch. Each records the compiled variant it reached; they must be
 the same. The cases vary what Triton specialises on: dtypes, alignment (views that start mid-row), sizes and
 strides, ints that are 1 or multiples of 16, the seed, the KL weight and the log-scale's kind. Prints one JSON
