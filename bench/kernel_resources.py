@@ -142,6 +142,7 @@ CASES = [
     latent_case("bf16", 1, 16, 1000, note=" (K not a multiple of 16, several K blocks)"),
     latent_case("bf16", 2, 256, 32, offset=1, note=ODD),
     latent_case("bf16", 1024, 16384, 128, note=" (wide Philox counter: S*B*K = 2^31)"),
+    latent_case("fp32", 70000, 4, 32, note=" (S > 65535, CUDA's limit on grid y: the samples looped over)"),
     latent_case("fp32", 1, 256, 32, note=" (seed read from memory)", seeds_in_memory=True),
     likelihood_case("gaussian", "fp32", 1, 64, 784),
     likelihood_case("gaussian", "fp16", 1, 64, 784, "float"),

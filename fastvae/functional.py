@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -18,7 +19,8 @@ from fastvae import checks
 from fastvae import reference as ref
 
 # The in-kernel Philox generator's seeds are drawn from torch's generators, in [2^31, 2^62): always a
-# 64-bit kernel argument, so one compiled variant serves every seed.
+# 64-bit kernel argument, so one compiled variant serves every seed (a smaller seed, which a custom-op call
+# may pass, is an i32 argument and has variants of its own).
 _SEED_LOW, _SEED_HIGH = 2**31, 2**62
 
 
@@ -84,11 +86,20 @@ def _draw_seed(device: torch.device) -> int | Tensor:
     """
     if _DEVICE_SEEDS is not None and device == _DEVICE_SEEDS.device:
         return _DEVICE_SEEDS.draw()
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         return torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
     # The same draw as torch.randint(_SEED_LOW, _SEED_HIGH, ()).item(), in one torch op instead of three.
     _SEED_BUFFER.tensor.random_(_SEED_LOW, _SEED_HIGH)
     return int(_SEED_BUFFER.value)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (`device` a CUDA device), or, for a CPU
+    device, within the compile-only driver's model of a capture (`fastvae.kernels.compile_only`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    compile_only = sys.modules.get("fastvae.kernels.compile_only")
+    return compile_only is not None and compile_only.capturing()
 
 
 class _SeedBuffer(threading.local):

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, CachedKernel, cdiv, empty_contiguous, gpu_tile, layout, next_power_of_2
+from .launch import INTERPRET, CachedKernel, LaunchPlan, cdiv, empty_contiguous, gpu_tile, layout, next_power_of_2
 
 
 @triton.jit
@@ -37,6 +37,17 @@ def _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER: tl.constexpr):
         counter = (sample_row0 + rows).to(tl.int32)[:, None] * K + cols.to(tl.int32)[None, :]
     bits_radius, bits_angle, _, _ = tl.randint4x(seed, counter)
     return _box_muller(bits_radius, bits_angle)
+
+
+@triton.jit
+def _sample_row0(s, B, WIDE_ROWS: tl.constexpr):
+    """s*B, the row of z (S*B, K) where sample s starts, as int64: multiplied in int64 where S*B >= 2^31
+    (WIDE_ROWS), else in int32, exact there, which took up to 15 fewer registers per thread."""
+    if WIDE_ROWS:
+        row0 = tl.cast(s, tl.int64) * B
+    else:
+        row0 = (s * B).to(tl.int64)
+    return row0
 
 
 @triton.jit
@@ -75,40 +86,48 @@ def _seed(seed_ptr, seed_value, SEED_IN_MEMORY: tl.constexpr):
 @triton.jit(do_not_specialize=["seed_value"])  # one variant for every seed
 def _latent_fwd_kernel(
     mu_ptr, lv_ptr, seed_ptr, z_ptr, kl_ptr, lr_ptr,
-    B, K,
+    B, K, S,
     stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
     seed_value,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
-    WRITE_LR: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, WRITE_LR: tl.constexpr, LOOP_SAMPLES: tl.constexpr,
 ):
-    # grid: (cdiv(B, BLOCK_B), S). Each program owns BLOCK_B rows of one sample s and loops over K.
-    pid_b = tl.program_id(0)
-    s = tl.program_id(1)
-    sample_row0 = (s * B).to(tl.int64)
-    seed = _seed(seed_ptr, seed_value, SEED_IN_MEMORY)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    # grid: (cdiv(B, BLOCK_B), min(S, 65535)). Each program owns BLOCK_B rows of sample s = program_id(1) and
+    # loops over K; with LOOP_SAMPLES (S > 65535, CUDA's limit on grid y) also over the samples s + 65535,
+    # s + 2*65535, ... Without it the loop over samples has one iteration, which the compiler removes (as a
+    # loop it took up to 16 more registers per thread).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_mask = rows < B
-    kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
-    lr_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = row_mask[:, None] & (cols[None, :] < K)
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_k, mask=mask, other=0.0)
-        lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_k, mask=mask, other=0.0)
-        mu = mu.to(tl.float32)
-        lv = lv.to(tl.float32)
-        eps = _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER)
-        std = tl.exp(0.5 * lv)
-        z = mu + std * eps
-        tl.store(z_ptr + (sample_row0 + rows[:, None]) * K + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
-        kl_acc += tl.sum(tl.where(mask, std * std + mu * mu - 1.0 - lv, 0.0), axis=1)
-        # Halved per element before the sum, as in the reference: with z*z near the fp32 limit
-        # (logvar ~ 88) halving after the sum would overflow to -inf where the reference is finite.
+    seed = _seed(seed_ptr, seed_value, SEED_IN_MEMORY)
+    if LOOP_SAMPLES:
+        samples_here = tl.cdiv(S - tl.program_id(1), tl.num_programs(1))
+    else:
+        samples_here = 1
+    for i in range(samples_here):
+        s = tl.program_id(1) + i * tl.num_programs(1)
+        sample_row0 = _sample_row0(s, B, WIDE_ROWS)
+        kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+        lr_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_k, mask=mask, other=0.0)
+            lv = tl.load(lv_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_k, mask=mask, other=0.0)
+            mu = mu.to(tl.float32)
+            lv = lv.to(tl.float32)
+            eps = _noise(seed, sample_row0, rows, cols, K, WIDE_COUNTER)
+            std = tl.exp(0.5 * lv)
+            z = mu + std * eps
+            z_offs = (sample_row0 + rows[:, None]) * K + cols[None, :]
+            tl.store(z_ptr + z_offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+            kl_acc += tl.sum(tl.where(mask, std * std + mu * mu - 1.0 - lv, 0.0), axis=1)
+            # Halved per element before the sum, as in the reference: with z*z near the fp32 limit
+            # (logvar ~ 88) halving after the sum would overflow to -inf where the reference is finite.
+            if WRITE_LR:
+                lr_acc += tl.sum(tl.where(mask, 0.5 * (eps * eps - z * z + lv), 0.0), axis=1)
+        tl.store(kl_ptr + rows, 0.5 * kl_acc, mask=row_mask & (s == 0))
         if WRITE_LR:
-            lr_acc += tl.sum(tl.where(mask, 0.5 * (eps * eps - z * z + lv), 0.0), axis=1)
-    tl.store(kl_ptr + rows, 0.5 * kl_acc, mask=row_mask & (s == 0))
-    if WRITE_LR:
-        tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
+            tl.store(lr_ptr + sample_row0 + rows, lr_acc, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["seed_value"])
@@ -118,8 +137,8 @@ def _latent_bwd_kernel(
     stride_mu_b, stride_mu_k, stride_lv_b, stride_lv_k,
     stride_gz_s, stride_gz_b, stride_gz_k, stride_gkl, stride_glr_s, stride_glr_b,
     seed_value,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
-    HAS_GKL: tl.constexpr, HAS_GLR: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_COUNTER: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, HAS_GKL: tl.constexpr, HAS_GLR: tl.constexpr,
 ):
     # grid: (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)). Each program owns one tile and loops over the S samples.
     # Without HAS_GKL / HAS_GLR the kl / log-ratio outputs were not used: their upstream gradients are 0.
@@ -145,7 +164,7 @@ def _latent_bwd_kernel(
     gz_offs = rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_k
     glr_offs = rows * stride_glr_b
     for s in range(0, S):
-        eps = _noise(seed, (s * B).to(tl.int64), rows, cols, K, WIDE_COUNTER)
+        eps = _noise(seed, _sample_row0(s, B, WIDE_ROWS), rows, cols, K, WIDE_COUNTER)
         z = mu + std * eps
         gz = tl.load(gz_ptr + gz_offs, mask=mask, other=0.0).to(tl.float32)
         gz_offs += stride_gz_s
@@ -175,9 +194,51 @@ def _blocks(B: int, K: int, itemsize: int) -> tuple[int, int, int]:
     return gpu_tile(B, K, itemsize, 128)
 
 
-_WIDE = 2**31  # S*B*K from which the Philox counters need int64 arithmetic
+_WIDE = 2**31  # S*B*K from which the Philox counters need int64 arithmetic, S*B from which s*B does
+_MAX_GRID_Y = 65535  # CUDA's limit on grid y: past it the forward's programs loop over the samples
 _forward = CachedKernel(_latent_fwd_kernel, values=("seed_value",))
 _backward = CachedKernel(_latent_bwd_kernel, values=("seed_value",))
+
+
+def _seed_key(seed: int | Tensor) -> object:
+    """A plan key's part for the seed: a tensor's layout, or the Triton type of an int, which Triton picks by
+    its value even for a `do_not_specialize` argument (i32 if it fits, else i64, u64 from 2^63): the variant
+    compiled for an i32 seed cannot take a 64-bit one."""
+    if type(seed) is not int:
+        return layout(seed)
+    return "i32" if -(2**31) <= seed < 2**31 else "i64" if seed < 2**63 else "u64"
+
+
+def _device_seed(device: torch.device) -> Tensor:
+    """A placeholder of the seed a call inside a CUDA graph capture passes (`fastvae.functional._draw_seed`):
+    an int64 (1,) tensor on `device`, fresh, hence 16-byte aligned (its address is specialised on)."""
+    return torch.empty(1, dtype=torch.int64, device=device)
+
+
+def _forward_plan(
+    mu: Tensor, logvar: Tensor, seed: int | Tensor, samples: int, log_ratio: bool
+) -> LaunchPlan:
+    """The forward's plan for these inputs (built on a miss). mu, logvar: (B, K)."""
+    # The plan's key: the layouts its ints, grid and constexprs, and Triton's specialisation, depend on
+    # (z, kl and lr are fresh allocations, hence aligned; z has mu's dtype).
+    key = (
+        mu.shape, mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
+        logvar.data_ptr() & 15 == 0, samples, _seed_key(seed), log_ratio,
+    )  # fmt: skip
+    plan = _forward.plans.get(key)
+    if plan is not None:
+        return plan
+    B, K = mu.shape
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
+    plan = _forward.plan(
+        key, (cdiv(B, block_b), min(samples, _MAX_GRID_Y)), (B, K, samples, *mu.stride(), *logvar.stride()),
+        (
+            block_b, block_k, samples * B * K >= _WIDE, samples * B >= _WIDE, type(seed) is not int, log_ratio,
+            samples > _MAX_GRID_Y,
+        ),
+        num_warps,
+    )  # fmt: skip
+    return plan
 
 
 def latent_forward(
@@ -188,6 +249,10 @@ def latent_forward(
 
     Returns z (S, B, K) contiguous in mu's dtype ((B, K) for samples = 1 with `squeeze`), kl (B,) fp32, and
     log_ratio (S, B) fp32 (None without `log_ratio`: not computed).
+
+    The first call of a kind on a device with an int seed also compiles and loads there
+    (`CachedKernel.prepare`) the variant that the same call launches inside a CUDA graph capture, where its
+    seed is a device tensor: CUDA refuses to load a module during a capture.
     """
     B, K = mu.shape
     dev = mu.device
@@ -201,21 +266,43 @@ def latent_forward(
     if B == 0 or K == 0:
         return z, kl.zero_(), lr if lr is None else lr.zero_()
     in_memory = type(seed) is not int
-    # The plan's key: the layouts its ints, grid and constexprs, and Triton's specialisation, depend on
-    # (z, kl and lr are fresh allocations, hence aligned; z has mu's dtype).
-    key = (
-        mu.shape, mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
-        logvar.data_ptr() & 15 == 0, samples, layout(seed) if in_memory else None, log_ratio,
-    )  # fmt: skip
-    plan = _forward.plans.get(key)
-    if plan is None:
-        block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
-        plan = _forward.plan(
-            key, (cdiv(B, block_b), samples), (B, K, *mu.stride(), *logvar.stride()),
-            (block_b, block_k, samples * B * K >= _WIDE, in_memory, log_ratio), num_warps,
-        )  # fmt: skip
-    _forward.launch(plan, (mu, logvar, seed if in_memory else None, z, kl, lr), (0 if in_memory else seed,))
+    plan = _forward_plan(mu, logvar, seed, samples, log_ratio)
+    loaded = _forward.launch(plan, (mu, logvar, seed if in_memory else None, z, kl, lr), (0 if in_memory else seed,))
+    if loaded and not in_memory:  # its first launch on this device, which a capture would have refused
+        device_seed = _device_seed(dev)
+        twin = _forward_plan(mu, logvar, device_seed, samples, log_ratio)
+        _forward.prepare(twin, (mu, logvar, device_seed, z, kl, lr), (0,))
     return z, kl, lr
+
+
+def _backward_plan(
+    grad_z: Tensor, grad_kl: Tensor | None, grad_lr: Tensor | None, mu: Tensor, logvar: Tensor, seed: int | Tensor
+) -> LaunchPlan:
+    """The backward's plan for these inputs (as `latent_backward` takes them; built on a miss)."""
+    key = (
+        grad_z.shape, grad_z.stride(), grad_z.dtype, grad_z.data_ptr() & 15 == 0, layout(grad_kl),
+        layout(grad_lr), mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
+        logvar.data_ptr() & 15 == 0, _seed_key(seed),
+    )  # fmt: skip
+    plan = _backward.plans.get(key)
+    if plan is not None:
+        return plan
+    samples, B, K = grad_z.shape if grad_z.dim() == 3 else (1, *grad_z.shape)
+    gz_strides = grad_z.stride() if grad_z.dim() == 3 else (0, *grad_z.stride())
+    block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
+    plan = _backward.plan(
+        key, (cdiv(B, block_b), cdiv(K, block_k)),
+        (
+            B, K, samples, *mu.stride(), *logvar.stride(), *gz_strides,
+            0 if grad_kl is None else grad_kl.stride(0), *((0, 0) if grad_lr is None else grad_lr.stride()),
+        ),
+        (
+            block_b, block_k, samples * B * K >= _WIDE, samples * B >= _WIDE, type(seed) is not int,
+            grad_kl is not None, grad_lr is not None,
+        ),
+        num_warps,
+    )  # fmt: skip
+    return plan
 
 
 def latent_backward(
@@ -223,33 +310,19 @@ def latent_backward(
 ) -> tuple[Tensor, Tensor]:
     """Launch the backward kernel. grad_z: (S, B, K), or (B, K) for one sample; grad_kl: (B,); grad_lr:
     (S, B); any strides (a broadcast stride of 0 included). None for grad_kl or grad_lr: that output was not
-    used (a zero gradient).
+    used (a zero gradient). Like `latent_forward`, the first call of a kind with an int seed also prepares
+    the variant of the same call inside a CUDA graph capture.
 
     Returns dmu, dlogvar (B, K) contiguous, in mu's and logvar's dtypes.
     """
-    samples, B, K = grad_z.shape if grad_z.dim() == 3 else (1, *grad_z.shape)
-    gz_strides = grad_z.stride() if grad_z.dim() == 3 else (0, *grad_z.stride())
     dmu, dlv = empty_contiguous(mu), empty_contiguous(logvar)
-    if B == 0 or K == 0:
+    if mu.numel() == 0:  # B == 0 or K == 0
         return dmu, dlv
     in_memory = type(seed) is not int
-    key = (
-        grad_z.shape, grad_z.stride(), grad_z.dtype, grad_z.data_ptr() & 15 == 0, layout(grad_kl),
-        layout(grad_lr), mu.stride(), logvar.stride(), mu.dtype, logvar.dtype, mu.data_ptr() & 15 == 0,
-        logvar.data_ptr() & 15 == 0, layout(seed) if in_memory else None,
-    )  # fmt: skip
-    plan = _backward.plans.get(key)
-    if plan is None:
-        block_b, block_k, num_warps = _blocks(B, K, mu.element_size())
-        plan = _backward.plan(
-            key, (cdiv(B, block_b), cdiv(K, block_k)),
-            (
-                B, K, samples, *mu.stride(), *logvar.stride(), *gz_strides,
-                0 if grad_kl is None else grad_kl.stride(0), *((0, 0) if grad_lr is None else grad_lr.stride()),
-            ),
-            (block_b, block_k, samples * B * K >= _WIDE, in_memory, grad_kl is not None, grad_lr is not None),
-            num_warps,
-        )  # fmt: skip
-    seed_ptr = seed if in_memory else None
-    _backward.launch(plan, (mu, logvar, seed_ptr, grad_z, grad_kl, grad_lr, dmu, dlv), (0 if in_memory else seed,))
+    plan = _backward_plan(grad_z, grad_kl, grad_lr, mu, logvar, seed)
+    pointers = (mu, logvar, seed if in_memory else None, grad_z, grad_kl, grad_lr, dmu, dlv)
+    if _backward.launch(plan, pointers, (0 if in_memory else seed,)) and not in_memory:  # as in latent_forward
+        device_seed = _device_seed(mu.device)
+        twin = _backward_plan(grad_z, grad_kl, grad_lr, mu, logvar, device_seed)
+        _backward.prepare(twin, (mu, logvar, device_seed, *pointers[3:]), (0,))
     return dmu, dlv

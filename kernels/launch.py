@@ -103,23 +103,84 @@ class CachedKernel:
         self.plans: dict[tuple, LaunchPlan] = {}
 
     def plan(self, key: tuple, grid: tuple[int, ...], ints: tuple, constexprs: tuple, num_warps: int) -> LaunchPlan:
-        """Record and return the plan of the calls whose inputs have the layouts `key`."""
+        """Record and return the plan of the calls whose inputs have the layouts `key`.
+
+        Raises ValueError for a grid that a CUDA launch refuses: x must be in [1, 2^31 - 1], y and z in
+        [1, 65535], and x*y*z below 2^31 (Triton's launcher multiplies them in a C int)."""
+        grid = (*grid, 1, 1)[:3]
+        for axis, n, limit in zip("xyz", grid, (2**31 - 1, 65535, 65535), strict=True):
+            if not 1 <= n <= limit:
+                raise ValueError(
+                    f"{self.fn.__name__}: grid {axis} = {n} is outside CUDA's limits for grid {axis}, [1, {limit}] "
+                    f"(grid {grid}): these inputs are too large, or empty, for one launch of this kernel"
+                )
+        if grid[0] * grid[1] * grid[2] >= 2**31:
+            raise ValueError(
+                f"{self.fn.__name__}: grid {grid} has 2^31 or more programs, which overflows the C int that "
+                "Triton's launcher counts them in"
+            )
         if len(self.plans) >= _MAX_PLANS:  # a run that keeps changing shapes: start over rather than grow
             self.plans.clear()
-        plan = self.plans[key] = LaunchPlan((*grid, 1, 1)[:3], ints, constexprs, num_warps)
+        plan = self.plans[key] = LaunchPlan(grid, ints, constexprs, num_warps)
         return plan
 
-    def launch(self, plan: LaunchPlan, pointers: tuple, values: tuple = ()) -> None:
-        """`fn[plan.grid](*pointers, *plan.ints, *values, **constexprs, num_warps=plan.num_warps)`."""
+    def launch(self, plan: LaunchPlan, pointers: tuple, values: tuple = ()) -> bool:
+        """`fn[plan.grid](*pointers, *plan.ints, *values, **constexprs, num_warps=plan.num_warps)` on the device
+        of the first pointer (a tensor) and that device's current stream, whatever the current device is.
+        Returns whether this launch loaded the plan's variant on that device (its first there, through Triton;
+        never under TRITON_INTERPRET=1, where nothing is loaded).
+
+        Raises CaptureError, before any CUDA call, when the plan's variant is not yet loaded on that device
+        and a CUDA graph is being captured there: compiling and loading a module inside a capture is refused
+        by CUDA (see `prepare`)."""
         if INTERPRET:
             self._through_triton(plan, pointers, values)
+            return False
+        active = driver.active
+        current = active.get_current_device()
+        device = device_of(pointers[0], current)
+        if device == current:
+            return self._launch(active, device, plan, pointers, values)
+        active.set_current_device(device)  # Triton's launcher uses the current device's context
+        try:
+            return self._launch(active, device, plan, pointers, values)
+        finally:
+            active.set_current_device(current)
+
+    def prepare(self, plan: LaunchPlan, pointers: tuple, values: tuple = ()) -> None:
+        """Compile and load the plan's variant on the first pointer's device without launching it, so that a
+        later launch inside a CUDA graph capture finds it loaded. A no-op under TRITON_INTERPRET=1."""
+        if INTERPRET:
             return
         active = driver.active
-        device = active.get_current_device()
+        current = active.get_current_device()
+        device = device_of(pointers[0], current)
+        if device in plan.compiled:
+            return
+        active.set_current_device(device)
+        try:
+            if capturing(active):
+                raise CaptureError(f"{self.fn.__name__}: a variant cannot be loaded during a CUDA graph capture")
+            named = dict(zip(self.constexpr_names, plan.constexprs, strict=True))
+            kernel = self.fn.warmup(*pointers, *plan.ints, *values, grid=plan.grid, **named, num_warps=plan.num_warps)
+            kernel.run  # noqa: B018 -- the property loads the module on the current device (`_init_handles`)
+            plan.compiled[device] = kernel
+        finally:
+            active.set_current_device(current)
+
+    def _launch(self, active: Any, device: int, plan: LaunchPlan, pointers: tuple, values: tuple) -> bool:
+        """The launch on `device`, which is the current device; whether it loaded the variant there."""
         kernel = plan.compiled.get(device)
         if kernel is None:
+            if capturing(active):
+                raise CaptureError(
+                    f"{self.fn.__name__}: this kernel variant (grid {plan.grid}, constexprs {plan.constexprs}) was "
+                    "not loaded before the CUDA graph capture began, and CUDA refuses to load a module inside a "
+                    "capture. Run the captured code once eagerly, with the same shapes, dtypes and device, before "
+                    "capturing it."
+                )
             plan.compiled[device] = self._through_triton(plan, pointers, values)
-            return
+            return True
         stream = active.get_current_stream(device)
         runtime = knobs.runtime
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
@@ -132,11 +193,31 @@ class CachedKernel:
             grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
             *pointers, *plan.ints, *values, *plan.constexprs,
         )  # fmt: skip
+        return False
 
     def _through_triton(self, plan: LaunchPlan, pointers: tuple, values: tuple) -> Any:
-        """Triton's own launch (compiling the variant if needed); returns the compiled kernel."""
+        """Triton's own launch on the current device (compiling the variant if needed); returns the compiled
+        kernel."""
         named = dict(zip(self.constexpr_names, plan.constexprs, strict=True))
         return self.fn[plan.grid](*pointers, *plan.ints, *values, **named, num_warps=plan.num_warps)
+
+
+class CaptureError(RuntimeError):
+    """A kernel variant would be compiled or loaded while a CUDA graph is being captured."""
+
+
+def device_of(t: torch.Tensor, current: int) -> int:
+    """The Triton device a launch on tensor `t` goes to: its CUDA device's index; `current` (the current
+    device) for a CPU tensor, as under the compile-only driver."""
+    index = t.get_device()
+    return current if index < 0 else index
+
+
+def capturing(active: Any) -> bool:
+    """Whether a CUDA graph is being captured on the current stream: a driver's own `capturing` flag (the
+    compile-only driver's), else torch's."""
+    flag = getattr(active, "capturing", None)
+    return torch.cuda.is_current_stream_capturing() if flag is None else flag
 
 
 _MAX_PLANS = 1024

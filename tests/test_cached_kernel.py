@@ -7,23 +7,11 @@ launches each call of the public ops both ways (no GPU needed).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, compiled_report
 
 
 def test_the_cache_key_picks_tritons_variant():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "cached_kernel_probe.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compiled_report(ROOT / "tests" / "cached_kernel_probe.py")
     assert report["mismatches"] == []
     # Both paths were exercised: variants cached through Triton, and direct launches of cached ones.
     assert 0 < report["direct"] < report["launches"]
@@ -36,13 +24,14 @@ def test_plans_are_bounded(monkeypatch):
     dropped and rebuilt, and every call still gets its own shape's plan."""
     import torch
     from fastvae.kernels import launch, likelihood
+    from helpers import KERNEL_DEVICE
 
     import fastvae
 
     monkeypatch.setattr(launch, "_MAX_PLANS", 2)
     monkeypatch.setattr(likelihood._loglik, "plans", {})
     for rows in (3, 4, 5, 3):
-        x, out = torch.rand(rows, 7), torch.randn(rows, 7)
+        x, out = torch.rand(rows, 7, device=KERNEL_DEVICE), torch.randn(rows, 7, device=KERNEL_DEVICE)
         got = fastvae.log_likelihood(x, out, dist="bernoulli", impl="triton")
         torch.testing.assert_close(got, fastvae.log_likelihood(x, out, dist="bernoulli", impl="torch"))
         assert 1 <= len(likelihood._loglik.plans) <= 2

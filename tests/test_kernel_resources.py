@@ -71,7 +71,8 @@ def test_the_cases_reach_every_kernel_and_kind_of_variant(public_ops):
         "_latent_fwd_kernel", "_latent_bwd_kernel", "_loglik_kernel", "_elbo_finish_kernel", "_rescale_kernel"
     }  # fmt: skip
     flags = {flag for launch in launches for flag in launch["constexprs"].split()}
-    assert {"WIDE_COUNTER", "DIST=0", "DIST=1", "HAS_LS_TENSOR", "HAS_ROW_WEIGHTS", "WRITE_DLS"} <= flags
+    expected = {"WIDE_COUNTER", "LOOP_SAMPLES", "DIST=0", "DIST=1", "HAS_LS_TENSOR", "HAS_ROW_WEIGHTS", "WRITE_DLS"}
+    assert expected <= flags
     # Each kernel both with 128-bit accesses and, unaligned, without; but the loss's reduction, which reads
     # only buffers the op allocated itself (aligned), of S*B rows.
     for kernel in kernels - {"_elbo_finish_kernel"}:
