@@ -16,7 +16,8 @@ The fused loss calls it once with w_r = -1/R, so its forward pass already holds 
 
 Two small kernels finish the loss: `_elbo_finish_kernel` (forward, one program) reduces the rows'
 log p and the KL to the scalar loss and its terms, in a fixed order (deterministic); `_rescale_kernel`
-(backward) scales the stashed gradient by the upstream gradient, in place, and writes the KL's gradient.
+(backward) scales the stashed gradient by the upstream gradient, in place (an fp32 stash of fp16 gradients,
+or every stash in a traced backward, into new tensors), and writes the KL's gradient.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def _elbo_finish_kernel(
     BLOCK: tl.constexpr, BETA_IN_MEMORY: tl.constexpr,
 ):
     # grid: (1,). loss = -mean_r(log p) + beta * mean_b(kl), with log p at state[8:8 + R]; the terms,
-    # state[3:6] = batch means of (log p - kl, kl, log p) with beta = 1; state[6] = beta / B. state[0] = 1:
-    # the stash holds the gradient for an upstream gradient of 1 (see _rescale_kernel). beta is read from
+    # state[3:6] = batch means of (log p - kl, kl, log p) with beta = 1; state[6] = beta / B. state[0] =
+    # state[1] = 1: the stash holds the gradient for an upstream gradient of 1 (see _rescale_kernel). beta is read from
     # memory (a CUDA graph's replays see its current value) or passed by value.
     offs = tl.arange(0, BLOCK)
     logp_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -125,35 +126,52 @@ def _elbo_finish_kernel(
     kl = tl.sum(kl_acc, axis=0) / B
     tl.store(loss_ptr, beta * kl - log_px)
     tl.store(state_ptr, 1.0)
+    tl.store(state_ptr + 1, 1.0)  # slots 1, DKL and 7 too, which the backward writes or nothing reads: the
+    tl.store(state_ptr + 2, 0.0)  # state is a function of the inputs, as an op's output must be
     tl.store(state_ptr + 3, log_px - kl)
     tl.store(state_ptr + 4, kl)
     tl.store(state_ptr + 5, log_px)
     tl.store(state_ptr + 6, beta / B)
+    tl.store(state_ptr + 7, 0.0)
 
 
 @triton.jit
 def _rescale_kernel(
-    stash_ptr, stash_ls_ptr, grad_ptr, state_ptr,
+    stash_ptr, stash_ls_ptr, grad_ptr, state_ptr, dout_ptr, dls_ptr, dkl_ptr,
     n_stash, n_stash_ls, read_slot,
-    BLOCK: tl.constexpr, HAS_LS: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_LS: tl.constexpr, DOUT_APART: tl.constexpr, DLS_APART: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    # grid: (cdiv(max(n_stash, n_stash_ls), BLOCK),). The stash (d out, and d log_scale with HAS_LS) was
-    # written for the upstream gradient state[read_slot]; scale it to the upstream gradient g:
-    # a *= g / state[read_slot], skipped on the device when the factor is 1 (the usual loss.backward()).
-    # Program 0 records g in the other slot, which no program reads in this launch (so there is no race),
-    # and writes the KL's gradient g * beta / B.
+    # grid: (cdiv(max(n_stash, n_stash_ls), BLOCK),). The stash (d out, and d log_scale with HAS_LS) holds the
+    # gradient for the upstream gradient state[read_slot] (SLOTS) or 1; bring it to the upstream gradient g.
+    # In place (not *_APART, SLOTS only): a *= g / state[read_slot], skipped on the device when the factor is
+    # 1 (the usual loss.backward()). Apart (*_APART): the stash is only read, and g * a, rounded once, is
+    # written to dout / dls (an fp32 stash of fp16 gradients, or every gradient without SLOTS). With SLOTS,
+    # program 0 records g in the other slot, which no program reads in this launch (so there is no race), and
+    # writes the KL's gradient g * beta / B to state[2]; without, to dkl, and the state is only read.
     g = tl.load(grad_ptr).to(tl.float32)
-    factor = g / tl.load(state_ptr + read_slot)
-    if factor != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if SLOTS:
+        factor = g / tl.load(state_ptr + read_slot)
+    if DOUT_APART:
+        a = tl.load(stash_ptr + offs, mask=offs < n_stash, other=0.0).to(tl.float32)
+        tl.store(dout_ptr + offs, (a * g).to(dout_ptr.dtype.element_ty), mask=offs < n_stash)
+    elif factor != 1.0:
         a = tl.load(stash_ptr + offs, mask=offs < n_stash, other=0.0).to(tl.float32)
         tl.store(stash_ptr + offs, (a * factor).to(stash_ptr.dtype.element_ty), mask=offs < n_stash)
-        if HAS_LS:
+    if HAS_LS:
+        if DLS_APART:
+            a = tl.load(stash_ls_ptr + offs, mask=offs < n_stash_ls, other=0.0).to(tl.float32)
+            tl.store(dls_ptr + offs, (a * g).to(dls_ptr.dtype.element_ty), mask=offs < n_stash_ls)
+        elif factor != 1.0:
             a = tl.load(stash_ls_ptr + offs, mask=offs < n_stash_ls, other=0.0).to(tl.float32)
             tl.store(stash_ls_ptr + offs, (a * factor).to(stash_ls_ptr.dtype.element_ty), mask=offs < n_stash_ls)
     if tl.program_id(0) == 0:
-        tl.store(state_ptr + 1 - read_slot, g)
-        tl.store(state_ptr + 2, g * tl.load(state_ptr + 6))
+        if SLOTS:
+            tl.store(state_ptr + 1 - read_slot, g)
+            tl.store(state_ptr + 2, g * tl.load(state_ptr + 6))
+        else:
+            tl.store(dkl_ptr, g * tl.load(state_ptr + 6))
 
 
 _loglik = CachedKernel(_loglik_kernel, values=("ls_const", "w_const"))
@@ -195,7 +213,8 @@ def _launch_loglik(
     if R == 0 or D == 0:
         return
     # The plan's key: the layouts its ints, grid and constexprs, and Triton's specialisation, depend on (the
-    # outputs are fresh allocations, hence aligned: dout has out's dtype, logp and dls are fp32).
+    # outputs are fresh allocations, hence aligned: dout has out's dtype, or fp32 for the fused loss's fp16
+    # stash, which only that call makes (logp_offset = STATE_SIZE); logp and dls are fp32).
     key = (
         x.stride(), x.dtype, x.data_ptr() & 15 == 0, out.shape, out.stride(), out.dtype, out.data_ptr() & 15 == 0,
         layout(log_scale), layout(row_weights), logp is None, dout is None, dls is None, logp_offset, dist,
@@ -218,9 +237,21 @@ def _launch_loglik(
     )
 
 
-def _reduce_to_log_scale(dls: Tensor | None, log_scale: Tensor | None) -> Tensor | None:
-    """The elementwise fp32 gradient of the log-scale, summed over its broadcast dimensions, in its dtype."""
-    return None if dls is None else dls.sum_to_size(log_scale.shape).to(log_scale.dtype)
+def stash_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the fused loss keeps the gradient of a `dtype` tensor from its forward to its
+    backward (the stash). fp32 for fp16: the stash holds the gradient for an upstream gradient of 1, about
+    residual / R for R rows, which fp16's range would round to a subnormal or zero before a loss scale
+    (torch.amp.GradScaler's 65536) could save it; the backward then rounds g * stash once. Otherwise `dtype`
+    (fp32, and bf16 with fp32's range), which the backward scales in place."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _reduce_to_log_scale(dls: Tensor | None, log_scale: Tensor | None, stash: bool = False) -> Tensor | None:
+    """The elementwise fp32 gradient of the log-scale, summed over its broadcast dimensions, in its dtype (with
+    `stash`: in `stash_dtype` of it, so an fp16 log-scale's is rounded only once, after the loss scale)."""
+    if dls is None:
+        return None
+    return dls.sum_to_size(log_scale.shape).to(stash_dtype(log_scale.dtype) if stash else log_scale.dtype)
 
 
 def log_likelihood_launch(
@@ -260,13 +291,14 @@ def elbo_launch(
     Returns loss () fp32 = -mean over the S*B rows of log p + beta * mean(kl), in nats; the loss's state
     (STATE_SIZE + S*B,) fp32: the scale slots of `rescale_grads` (slot 0 set to 1), the KL's gradient
     (written by `rescale_grads`), at TERMS the batch means of (log p - kl, kl, log p) in nats, beta / B, and
-    from STATE_SIZE the rows' log p; and the stash: d loss / d out (like out) and d loss / d log_scale (of
-    the log-scale's shape and dtype) or None. An empty batch gives NaN, as a mean over no rows does.
+    from STATE_SIZE the rows' log p; and the stash: d loss / d out (contiguous, out's shape) and d loss /
+    d log_scale (contiguous, the log-scale's shape) or None, each in `stash_dtype` of its tensor's dtype.
+    An empty batch gives NaN, as a mean over no rows does.
     """
     R = out.shape[:-1].numel()
     dev = out.device
     state = torch.empty(STATE_SIZE + R, dtype=torch.float32, device=dev)  # the rows' log p go after the state
-    dout = empty_contiguous(out)
+    dout = empty_contiguous(out, stash_dtype(out.dtype))
     dls = empty_contiguous(out, torch.float32) if need_dls else None
     if R and not out.shape[-1]:
         state[STATE_SIZE:].zero_()
@@ -278,24 +310,45 @@ def elbo_launch(
     if plan is None:
         plan = _finish.plan(key, (1,), (R, kl.shape[0], kl.stride(0)), (_FINISH_BLOCK, in_memory), 4)
     _finish.launch(plan, (kl, beta if in_memory else None, loss, state), (0.0 if in_memory else beta,))
-    return loss, state, dout, _reduce_to_log_scale(dls, log_scale)
+    return loss, state, dout, _reduce_to_log_scale(dls, log_scale, stash=True)
 
 
-def rescale_grads(dout: Tensor, dls: Tensor | None, grad: Tensor, state: Tensor, read_slot: int) -> None:
-    """The fused loss's backward, in place and in one launch: scale the stash (dout, dls or None; contiguous)
-    from the upstream gradient state[read_slot] to `grad` (a one-element tensor), record `grad` in
-    state[1 - read_slot], and write the KL's gradient grad * beta / B to state[DKL].
-    The scaling is skipped on the device when the factor is 1 (no bytes move, no host sync)."""
+def rescale_grads(
+    stash: Tensor, stash_ls: Tensor | None, grad: Tensor, state: Tensor, read_slot: int | None,
+    dtype: torch.dtype, ls_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fused loss's backward, in one launch: its gradients for the upstream gradient `grad` (a one-element
+    tensor), from the stash of `elbo_launch` (stash, stash_ls or None) and its state.
+
+    dtype, ls_dtype: the dtypes of out and of the log-scale, the gradients'. With `read_slot` (the eager path),
+    a stash in its gradient's dtype is scaled in place from the upstream gradient state[read_slot] to `grad`
+    and is the gradient (skipped on the device when the factor is 1: no bytes move, no host sync); a stash kept
+    in fp32 for an fp16 gradient (`stash_dtype`) is only read, and grad * stash, rounded once, written to a new
+    tensor; `grad` is recorded in state[1 - read_slot] and the KL's gradient grad * beta / B written to
+    state[DKL]. With read_slot None (a traced backward, which must not mutate the forward's outputs), every
+    gradient is a new tensor and the stash and the state are only read.
+    Returns (d loss / d out, contiguous; d loss / d log_scale, contiguous, or None without stash_ls; with
+    read_slot None the KL's gradient grad * beta / B, (1,) fp32, else None)."""
+    slots = read_slot is not None
+    dout_apart = not slots or dtype != stash.dtype
+    dls_apart = stash_ls is not None and (not slots or ls_dtype != stash_ls.dtype)
+    dout = torch.empty_like(stash, dtype=dtype) if dout_apart else stash
+    dls = torch.empty_like(stash_ls, dtype=ls_dtype) if dls_apart else stash_ls
+    dkl = None if slots else torch.empty(1, dtype=torch.float32, device=state.device)
+    # The outputs kept apart are fresh allocations (aligned): their dtypes complete the key.
     key = (
-        dout.numel(), dout.dtype, dout.data_ptr() & 15 == 0, layout(dls), layout(grad), state.data_ptr() & 15 == 0,
-        read_slot,
+        stash.numel(), stash.dtype, stash.data_ptr() & 15 == 0, layout(stash_ls), layout(grad),
+        state.data_ptr() & 15 == 0, read_slot, dtype if dout_apart else None, ls_dtype if dls_apart else None,
     )  # fmt: skip
     plan = _rescale.plans.get(key)
     if plan is None:
-        n_dout = dout.numel()
-        n_dls = 0 if dls is None else dls.numel()
+        n_dout = stash.numel()
+        n_dls = 0 if stash_ls is None else stash_ls.numel()
         plan = _rescale.plan(
-            key, (max(1, cdiv(max(n_dout, n_dls), _RESCALE_BLOCK)),), (n_dout, n_dls, read_slot),
-            (_RESCALE_BLOCK, dls is not None), 8,
+            key, (max(1, cdiv(max(n_dout, n_dls), _RESCALE_BLOCK)),), (n_dout, n_dls, read_slot or 0),
+            (_RESCALE_BLOCK, stash_ls is not None, dout_apart, dls_apart, slots), 8,
         )  # fmt: skip
-    _rescale.launch(plan, (dout, dls, grad, state))
+    _rescale.launch(
+        plan, (stash, stash_ls, grad, state, dout if dout_apart else None, dls if dls_apart else None, dkl)
+    )
+    return dout, dls, dkl

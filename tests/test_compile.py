@@ -20,9 +20,10 @@ def _head(mu, logvar, weight, x, log_scale):
     return loss, per_row
 
 
-def test_compiled_head_matches_eager(kernel_device, monkeypatch):
-    # With fallback_random, the compiled graph draws the kernel seed exactly as eager does.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+# With fallback_random, the compiled graph draws the kernel seed exactly as eager does. (Patched through the
+# config's own `patch`: monkeypatch's undo deletes the attribute, which hides the option from later tests.)
+@torch._inductor.config.patch(fallback_random=True)
+def test_compiled_head_matches_eager(kernel_device):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     B, K, D = 6, 4, 10
