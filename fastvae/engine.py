@@ -137,7 +137,7 @@ class Trainer:
     def __post_init__(self) -> None:
         graphed, cuda = bool(self.config.get("cuda_graphs")), self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(  # a graphed step's Adam keeps its step counts on the device
-            self.model.parameters(), lr=self.config["lr"], fused=cuda, capturable=graphed and cuda
+            self.model.parameters(), lr=self.config["lr"], fused=cuda, capturable=graphed
         )
         self.loss_step = self._make_loss_step()
         self.running = RunningMeans(self.device, self.ctx)

@@ -20,6 +20,7 @@ docs/training.md describes the flag, its limits and what has been verified.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -67,19 +68,24 @@ class GraphedSteps:
         if beta != self._beta:  # during --kl-warmup; a fill on the device, no host sync
             self.beta.fill_(beta)
             self._beta = beta
-        if self.graph is None:
-            self._warm_up(indices)
-            self._capture()
-        self.indices.copy_(indices)
-        self.graph.replay()
+        with current_device(trainer.device):  # a graph captures and replays on the current device's stream
+            if self.graph is None:
+                self._warm_up(indices)
+                self._capture()
+            self.indices.copy_(indices)
+            self.graph.replay()
         trainer.after_step(len(indices))
 
     def _warm_up(self, indices: torch.Tensor) -> None:
         """WARMUP_STEPS eager steps on a side stream, as torch.cuda.graphs asks before a capture; then the
-        run's state is put back (they do not count)."""
+        run's state is put back (they do not count). Adam's state is made first, so that what is put back
+        holds it: a capture must find it (its lazy initialisation, captured, would zero it on every replay)."""
         trainer = self.trainer
+        init_adam_state(trainer.optimizer)
         before = trainer.capture(trainer.train.current_epoch, trainer.train.position)
-        with side_stream(trainer.device), self.noise(trainer.step):
+        with side_stream(trainer.device), self.noise(trainer.step), warnings.catch_warnings():
+            # Capturable Adam warns, once, that it steps outside a capture: these steps are meant to.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*", category=UserWarning)
             for _ in range(WARMUP_STEPS):
                 trainer.step_body(trainer.train.gather(indices), self.beta)
         trainer.restore(before)
@@ -95,6 +101,26 @@ class GraphedSteps:
             self.trainer.step_body(self.trainer.train.gather(self.indices), self.beta)
 
 
+def init_adam_state(optimizer: torch.optim.Adam) -> None:
+    """Give every parameter of `optimizer` without state the state Adam's first step would make lazily: step
+    0 (a float32 tensor (), float64 for a float64 default dtype unless fused, on the parameter's device when
+    capturable or fused, else on the CPU) and zero
+    moments, so that a step captured in a CUDA graph finds it rather than creating it."""
+    for group in optimizer.param_groups:
+        on_device = group["capturable"] or group["fused"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            wide = torch.get_default_dtype() == torch.float64 and not group["fused"]  # torch's _get_scalar_dtype
+            dtype, device = torch.float64 if wide else torch.float32, p.device if on_device else "cpu"
+            state["step"] = torch.zeros((), dtype=dtype, device=device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 @contextlib.contextmanager
 def side_stream(device: torch.device) -> Iterator[None]:
     """Run the block on a new stream of `device`, ordered after the current stream's work and before its
@@ -107,9 +133,16 @@ def side_stream(device: torch.device) -> Iterator[None]:
 
 
 def capture(body: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph:
-    """`body`'s device work captured as a CUDA graph (nothing runs); `replay()` runs it."""
+    """`body`'s device work captured as a CUDA graph (nothing runs) on a new stream of `device`, which must be
+    the current device; `replay()` runs it. (torch.cuda.graph's default capture stream is made once per
+    process, on whichever device was current then.)"""
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
         body()
     return graph
+
+
+def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Within the block `device` is the current CUDA device (torch.cuda.device); a no-op for another kind."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

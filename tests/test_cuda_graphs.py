@@ -7,9 +7,9 @@ exactly, that a non-finite step is caught and diagnosed, and that KL warm-up rea
 
 from __future__ import annotations
 
-import contextlib
 import io
 
+import graph_standin
 import pytest
 import torch
 from run_helpers import TINY, assert_same_state, metrics_rows
@@ -88,67 +88,145 @@ def test_within_device_seeds_the_sampler_draws_them_in_order(kernel_device):
     assert int(seeds.counter) == 2**33 + 1
 
 
-# ------------------------------------------------------- the engine's logic, with graphs replayed in Python
+# ------------------------------------------- the engine's graphs on the CPU, captured and replayed by a stand-in
 
-
-class PythonGraph:
-    """A stand-in for a captured CUDA graph on a machine without CUDA: `replay()` runs the captured body."""
-
-    def __init__(self, body) -> None:
-        self.body, self.replays = body, 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        self.body()
+# The stand-in runs the fused kernels under the interpreter on CPU tensors; where there is CUDA the `gpu` tests
+# below run the same runs with real graphs.
+on_the_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-in; the gpu tests run on CUDA")
 
 
 @pytest.fixture
-def python_graphs(monkeypatch) -> list[PythonGraph]:
-    """--cuda-graphs on the CPU (the fused kernels under the interpreter), each capture a PythonGraph: the
-    engine's side of the graphs (warm-up undone, seeds counted per step, beta refilled, the index buffer,
-    the bookkeeping, re-capture after a restore) runs as it would on a GPU."""
-    captured: list[PythonGraph] = []
-
-    def capture(body, device):
-        captured.append(PythonGraph(body))
-        return captured[-1]
-
-    monkeypatch.setattr(graphs, "capture", capture)
-    monkeypatch.setattr(graphs, "side_stream", lambda device: contextlib.nullcontext())
+def standin(monkeypatch) -> graph_standin.StandIn:
+    """--cuda-graphs on the CPU (the fused kernels under the interpreter), with `torch.cuda.CUDAGraph` the
+    stand-in of tests/graph_standin.py: a capture runs the step's Python once and records its device work, a
+    replay re-runs only that work on the same tensors."""
     monkeypatch.setattr(train, "check_cuda_graphs", lambda *args: None)
-    return captured
+    return graph_standin.install(monkeypatch)
 
 
 CPU_RUN = [*TINY, "--likelihood", "bernoulli", "--epochs", "2", "--fused", "--device", "cpu", "--log-every", "2"]
 
 
+@on_the_cpu_only
+def test_the_standin_replays_device_work_and_no_python(standin):
+    """The stand-in itself: a capture runs the body's Python once and leaves memory as it was; a replay
+    repeats the recorded ops on the same tensors (an allocated output gets the new value, in-place ops mutate
+    again) and none of the Python; a host synchronisation inside a capture is refused."""
+    a, calls = torch.ones(3), []
+
+    def body():
+        calls.append(1)
+        b = a * 2  # allocated at capture: each replay writes into this same tensor
+        a.add_(b)
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    b = g.work[0].out
+    assert calls == [1] and a.tolist() == [1.0] * 3  # captured, not run
+    g.replay()
+    g.replay()
+    assert calls == [1] and b.tolist() == [6.0] * 3 and a.tolist() == [9.0] * 3
+    with pytest.raises(graph_standin.CaptureError, match="host synchronisation"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            float(a.sum())
+
+
+@on_the_cpu_only
+def test_adam_state_exists_before_the_capture(standin, tmp_path):
+    """The captured step must find Adam's state, with the values the eager run has at that step: Adam's lazy
+    initialisation, captured, zeroes the moments and the step count on every replay (each update about
+    lr * sign(g)). A fresh run (step 0) and a resumed one (step 5) alike."""
+    seen = []
+    real_capture = graphs.capture
+
+    def capture(body, device):
+        optimizer = trainer.optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        states = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+        seen.append({"step": trainer.step, "states": states})
+        return real_capture(body, device)
+
+    graphs.capture = capture
+    try:
+        trainer = _trainer([*CPU_RUN, "--cuda-graphs"])
+        _steps(trainer, graphed=True, epochs=1)
+        trainer.restore(trainer.capture(0, 5))  # a resume: the next step captures again, at step 8
+        _steps(trainer, graphed=True, epochs=1)
+    finally:
+        graphs.capture = real_capture
+    assert [s["step"] for s in seen] == [0, 8]
+    for capture_ in seen:
+        assert all(state for state in capture_["states"])  # every parameter has its state
+        for state in capture_["states"]:
+            assert state["step"].item() == capture_["step"] and state["step"].device == torch.device("cpu")
+    assert all(not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in seen[0]["states"])
+    assert all(s["exp_avg_sq"].any() for s in seen[1]["states"])
+
+
+# Adam's settings: the default, amsgrad, and on CUDA the engine's (fused, capturable: `step` on the device).
+ADAM_SETTINGS = [{}, {"amsgrad": True}] + ([{"fused": True, "capturable": True}] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("settings", ADAM_SETTINGS, ids=lambda settings: "-".join(settings) or "default")
+def test_init_adam_state_is_what_a_first_step_makes(settings, kernel_device):
+    """`graphs.init_adam_state` before the steps gives the lazily initialised run's state and parameters,
+    bitwise, with the same dtypes and devices."""
+
+    def run(init: bool) -> tuple[torch.nn.Module, torch.optim.Adam]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).to(kernel_device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, **settings)
+        if init:
+            graphs.init_adam_state(optimizer)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.ones(2, 4, device=kernel_device)).square().sum().backward()
+            optimizer.step()
+        return model, optimizer
+
+    (lazy_model, lazy), (model, explicit) = run(False), run(True)
+    for want_p, got_p in zip(lazy_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got_p, want_p, rtol=0, atol=0)
+        want, got = lazy.state[want_p], explicit.state[got_p]
+        assert got.keys() == want.keys()
+        for key in want:
+            assert (got[key].dtype, got[key].device) == (want[key].dtype, want[key].device)
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+@on_the_cpu_only
 @pytest.mark.parametrize("flags", [[], ["--kl-warmup", "5"], ["--iw-samples", "3"]], ids=["plain", "warmup", "iwae"])
-def test_replayed_steps_are_the_eager_steps_with_the_same_seeds(python_graphs, tmp_path, flags):
-    """Every step a replay (the warm-up undone), seed base + step, beta refilled while it warms up: the run
-    equals an eager run that draws those seeds, bitwise."""
+def test_replayed_steps_are_the_eager_steps_with_the_same_seeds(standin, flags):
+    """Every step a replay of the one captured step (the warm-up undone), seed base + step, beta refilled
+    while it warms up: the run equals an eager run that draws those seeds, bitwise."""
     graphed = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
     eager = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
     eager.graphed = None
     want, got = _steps(eager, graphed=False), _steps(graphed, graphed=True)
-    assert len(python_graphs) == 1 and python_graphs[0].replays == graphed.step == 16
+    assert len(standin.graphs) == 1 and standin.graphs[0].replays == graphed.step == 16
+    launches = standin.graphs[0].launches()  # the fused sampler's forward and backward around the loss's
+    assert launches[0] == "_latent_fwd_kernel" and launches[-1] == "_latent_bwd_kernel" and len(launches) >= 4
     assert got == want
     for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_replayed_run_resumes_exactly(python_graphs, tmp_path):
+@on_the_cpu_only
+def test_a_replayed_run_resumes_exactly(standin, tmp_path):
     """Stopped mid-epoch and resumed: the resumed process captures anew (its warm-up undone) and ends where
     the uninterrupted run does, bitwise."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main([*CPU_RUN, "--cuda-graphs", "--kl-warmup", "6", "--out", str(whole)]) == 0
     assert train.main([*CPU_RUN, "--cuda-graphs", "--kl-warmup", "6", "--out", str(parts), "--stop-after", "5"]) == 0
     assert train.main(["--resume", str(parts)]) == 0
-    assert len(python_graphs) == 3  # one capture per process
+    assert len(standin.graphs) == 3  # one capture per process
     assert metrics_rows(parts) == metrics_rows(whole)
     assert_same_state(parts, whole)
 
 
-def test_the_flag_cannot_change_on_resume(python_graphs, tmp_path, capsys):
+@on_the_cpu_only
+def test_the_flag_cannot_change_on_resume(standin, tmp_path, capsys):
     """A graphed run draws its noise from other seeds than an eager one: switching is a different run."""
     out = tmp_path / "run"
     assert train.main([*CPU_RUN, "--out", str(out), "--stop-after", "3"]) == 0
