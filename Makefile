@@ -36,7 +36,8 @@ bench: setup
 	TRITON_INTERPRET=$(INTERPRET) $(PY) -m bench.elbo_head $(BENCH_ARGS)
 
 # python -m bench.gpu_check with $(PYTHON) (no .venv): fastvae is installed into it first, without
-# dependencies or network, unless it is already. GPU_CHECK_ARGS: e.g. --dry-run, or --steps tests.
+# dependencies or network, unless it is already. At most 5 minutes (--budget 300, everything included).
+# GPU_CHECK_ARGS: e.g. --dry-run, or after a fix --steps tests,elbo_head (into a fresh OUT).
 gpu-check:
 	$(PYTHON) -c "import fastvae.kernels" 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .

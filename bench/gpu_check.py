@@ -1,31 +1,46 @@
-"""Verify fastvae on a GPU in one sitting: tests, sanitizers and benchmarks, at most 8 files, about 8 minutes.
+"""Verify fastvae on a GPU in one sitting: tests, sanitizers and benchmarks in at most 5 minutes (a 300 s
+budget, everything included), in at most 8 files.
 
-    python -m bench.gpu_check --out DIR             # on a CUDA machine (an H100: about 8 minutes)
-    python -m bench.gpu_check --dry-run --out DIR   # the same steps on the CPU at tiny sizes (minutes)
+    python -m bench.gpu_check --out DIR                             # on a CUDA machine: at most 300 s
+    python -m bench.gpu_check --out DIR2 --steps tests,elbo_head    # after a fix: these steps (and environment)
+    python -m bench.gpu_check --dry-run --out DIR                   # the same steps on the CPU at tiny sizes
 
-Each step is a subprocess with a deadline: its share of --budget, plus whatever the steps before it left
-unused. A step that reaches its deadline is stopped (its process group: SIGTERM, then SIGKILL) and recorded
-as cut short; a failing step is recorded; either way the kit goes on to the next. Steps, in order:
+--budget (default 300 s) holds the whole run: the steps, and a reserve of 10 s for stopping the last one and
+writing the files (a lent machine's start comes on top). The environment step has 10 s of it; the other
+steps chosen share the rest in proportion to their shares (the list at the end of --help gives them in
+seconds of the default run). Each step is a subprocess with a deadline, the end of its share counted from the
+kit's start, so a step that finishes early leaves its time to the next. A step that reaches its deadline is
+stopped (its process group: SIGTERM, then SIGKILL) and recorded as cut short, with what it was running; a
+failing step is recorded; either way the kit goes on to the next. The steps, in order:
 
-  environment       GPU, driver, CUDA, torch, triton, commit; the measured device copy bandwidth
-  tests             the whole test suite (tests/) with TRITON_INTERPRET unset, every outcome recorded as it
-                    happens; the failures with their first lines
+  environment       always, first: GPU, driver, CUDA, torch, triton, commit; the measured device copy bandwidth
+  tests             with TRITON_INTERPRET unset, every gpu-marked test of tests/ first (what `-m gpu`
+                    selects), then the kernels' tests, KERNEL_TESTS in that order (parity with the reference
+                    first, the slow test_compile.py last), every outcome recorded as it happens
   sanitizer         compute-sanitizer memcheck and racecheck over bench.sanitize_kernels (every kernel,
                     forward and backward, at tail and unaligned shapes); skipped without compute-sanitizer
-  elbo_head         the headline case B=4096, D=784, K=32: fp32 and bf16, both distributions, eager,
-                    compile and fused; as called and replayed from a CUDA graph; peak memory; launches
+  elbo_head         the headline case B=4096, D=784, K=32: fp32 (the target's dtype) first, then bf16; both
+                    distributions; eager, compile and fused; as called and replayed from a CUDA graph; peak
+                    memory; launches
   bandwidth         the fused head at B=65536, D=12288, K=32: GB/s against the measured copy bandwidth
   train_throughput  the canonical-example baseline, fastvae reference and fused (and whole-step CUDA graphs
-                    where bench.train_throughput offers them) at batch 128 and 1024, with test loss
+                    where bench.train_throughput offers them) at batch 128 and 1024, with test loss, on
+                    20,000 sprites (samples/s do not depend on the epoch's length; 60,000 would not fit)
   host_overhead     `python -m bench.host_overhead --json PATH` (real launches on CUDA), if present
+  suite             not a default step (`--steps suite`, with the --budget a session has left): the rest of
+                    tests/, every test neither gpu-marked nor in KERNEL_TESTS, nor the kit's own test_gpu_check.py
 
-Files written into DIR (8 at most, none over 16 MiB): environment.json, tests.json, sanitizer.txt,
-elbo_head.json (the headline and bandwidth cases), train_throughput.json, host_overhead.json, gpu_check.json
-(every step: status, one line, seconds, budget, commands, its output's tail) and summary.md (the tables in
-the form of docs/benchmarks.md, each under its device, date, commit and command).
+Files written into DIR (8 at most, none over 16 MiB): environment.json; tests.json (per test step: counts,
+every failure with its first line and short traceback, skips by reason, the test running when it stopped);
+sanitizer.txt; elbo_head.json (the headline and bandwidth cases); train_throughput.json; host_overhead.json;
+gpu_check.json (the budget, the machine, and every step: status, one line, seconds, share, commands, its
+output's tail); summary.md (the steps; for each failed or cut step its commands and its output's tail; the
+first failing tests' tracebacks; the tables in the form of docs/benchmarks.md, each under its device, date,
+commit and command).
 
 --dry-run hides any GPU (CUDA_VISIBLE_DEVICES=""), runs the kernels under Triton's interpreter where a step
-needs them, shrinks every size, and runs three tests instead of the suite.
+needs them, shrinks every size, and runs three tests of test_latent.py (one gpu-marked: skipped) as the
+tests step and test_packaging.py as the suite.
 
 Exit status: 0 every step ran and passed; 1 a step failed or was cut short; 2 a usage error (e.g. --out not
 empty); 3 nothing failed but a step was skipped (e.g. compute-sanitizer missing, as on every dry run).
@@ -54,30 +69,54 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 LOG_TAIL_CHARS = 4000
+SUMMARY_TAIL_CHARS = 2000  # of a failed or cut step's output, in summary.md
 KILL_GRACE_S = 5.0
-# Each step's share of the budget, in seconds of the default 470 (the rest of the 8 minutes is kept for
-# stopping a step and writing the summary); scaled to --budget and to the steps chosen with --steps.
+DEFAULT_BUDGET_S = 300.0
+RESERVE_S = 10.0  # of every budget: stopping the last step (KILL_GRACE_S) and writing the files
+ENVIRONMENT_S = 10.0  # the environment step's share of every budget
+# The other steps' shares, in seconds of the default budget's 280 (300 less the reserve and the environment's
+# share), scaled to what --budget leaves for the steps chosen. suite's is all of them: alone, it has the 280 s.
 SHARES = {
-    "environment": 20,
-    "tests": 150,
-    "sanitizer": 80,
-    "elbo_head": 110,
-    "bandwidth": 35,
-    "train_throughput": 60,
-    "host_overhead": 15,
+    "tests": 120,
+    "sanitizer": 50,
+    "elbo_head": 50,
+    "bandwidth": 12,
+    "train_throughput": 30,
+    "host_overhead": 18,
+    "suite": 280,
 }
-DEFAULT_BUDGET_S = 470.0
+STEPS = ["environment", *SHARES]  # the kit's order
+DEFAULT_STEPS = [name for name in STEPS if name != "suite"]
+# The file each step writes: tests and suite share one, elbo_head and bandwidth another; the kit adds its own.
+FILES = {
+    "environment": "environment.json",
+    "tests": "tests.json",
+    "sanitizer": "sanitizer.txt",
+    "elbo_head": "elbo_head.json",
+    "bandwidth": "elbo_head.json",
+    "train_throughput": "train_throughput.json",
+    "host_overhead": "host_overhead.json",
+    "suite": "tests.json",
+}
+KIT_FILES = ("gpu_check.json", "summary.md")
 # Sizes of the ELBO-head runs (batch, dim, latent): a GPU run's, and a dry run's.
 HEADLINE = {False: (4096, 784, 32), True: (64, 64, 8)}
 BANDWIDTH = {False: (65536, 12288, 32), True: (256, 96, 8)}
-# The suite on a GPU run: the kernels' tests first (they are what a GPU changes), then the others; not the kit's
-# own test, which runs it as a dry run on the CPU. A dry run's tests: two kernel tests, and a GPU test (skipped).
-KERNEL_TESTS = ["test_latent.py", "test_likelihood.py", "test_extreme_inputs.py", "test_compile.py",
-                "test_iwae.py", "test_model.py"]  # fmt: skip
-KIT_TEST = "test_gpu_check.py"
-DRY_TESTS = ["tests/test_latent.py", "-k", "test_public_shapes_and_reference_impl or "
-             "test_kl_matches_torch_distributions or test_cuda_graph_replay_draws_fresh_noise"]  # fmt: skip
+GPU_DTYPES = ["--dtype", "fp32", "bf16"]  # the ELBO head's: the targets' dtype first
 DRY_DTYPES = ["--dtype", "fp32"]  # a dry run's ELBO head and sanitizer cases: fp32 only
+# The tests step: after the gpu-marked tests, the kernels' tests in this order: the fused ops against the
+# reference, then the model and training paths through them, the custom ops' checks, the launch path, and the
+# slowest, test_compile.py (Inductor compiles a graph), last.
+KERNEL_TESTS = ["test_latent.py", "test_likelihood.py", "test_extreme_inputs.py", "test_loss_scaling.py",
+                "test_model.py", "test_iwae.py", "test_log_scale_floor.py", "test_opcheck.py",
+                "test_cached_kernel.py", "test_compile.py"]  # fmt: skip
+KIT_TEST = "test_gpu_check.py"  # the kit's own test: a dry run on the CPU, run by `make test`, not here
+PYTEST = ["-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "bench.pytest_outcomes",
+          "--continue-on-collection-errors"]  # fmt: skip
+# A dry run's tests step: two kernel tests and a gpu-marked one (skipped; it runs first); its suite: one file.
+DRY_TESTS = ["-k", "test_public_shapes_and_reference_impl or test_kl_matches_torch_distributions or "
+             "test_cuda_graph_replay_draws_fresh_noise", "tests/test_latent.py"]  # fmt: skip
+DRY_SUITE = ["tests/test_packaging.py"]
 GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs (--cuda-graphs)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 MEMCHECK_PART = 0.6  # memcheck's part of the sanitizer step's time; racecheck has the rest
@@ -137,6 +176,14 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
+def shares(budget: float, steps: list[str]) -> dict[str, float]:
+    """Each step's seconds of `budget`: the environment's ENVIRONMENT_S, and the others' SHARES scaled so
+    that they fill what the reserve and the environment leave."""
+    others = [name for name in steps if name != "environment"]
+    scale = (budget - RESERVE_S - ENVIRONMENT_S) / sum(SHARES[name] for name in others) if others else 0.0
+    return {name: ENVIRONMENT_S if name == "environment" else SHARES[name] * scale for name in steps}
+
+
 class Kit:
     """Runs the steps, each against its deadline, and keeps their records."""
 
@@ -146,13 +193,13 @@ class Kit:
         self.inject = dict(item.split("=", 1) for item in args.inject)
         self.scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.started = time.monotonic()
-        scale = args.budget / sum(SHARES[name] for name in args.steps)
+        seconds = shares(args.budget, args.steps)
         self.deadlines: dict[str, float] = {}
         cumulative = 0.0
         for name in args.steps:  # the end of the step's share, counted from the kit's start
-            cumulative += SHARES[name] * scale
+            cumulative += seconds[name]
             self.deadlines[name] = cumulative
-        self.steps = [Step(name, share_s=round(SHARES[name] * scale, 1)) for name in args.steps]
+        self.steps = [Step(name, share_s=round(seconds[name], 1)) for name in args.steps]
         self.current = self.steps[0]
         self.environment: dict | None = None
 
@@ -228,8 +275,10 @@ class Kit:
 
 def settle(step: Step, run: Run, line: str, program: str) -> None:
     """The step's status and line from its run of `program`: cut short, failed, or passed with `line`."""
-    if run.cut:
-        step.status, step.line = "cut", f"{program} cut short at the step's deadline, after {run.seconds:.0f} s; {line}"
+    if run.cut:  # what it reached: `line`, and its last words (e.g. the case a benchmark had begun)
+        parts = [f"{program} cut short at the step's deadline, after {run.seconds:.0f} s", line,
+                 f"its last output: {last_line(run.output) or '(none)'}"]  # fmt: skip
+        step.status, step.line = "cut", "; ".join(part for part in parts if part)
     elif run.returncode < 0:  # a crash: SIGSEGV, SIGABRT, ...
         signame = signal.Signals(-run.returncode).name
         step.status, step.line = "failed", f"{program} was killed by {signame}: {last_line(run.output)}"
@@ -251,7 +300,7 @@ def machine_line(env: dict) -> str:
 
 
 def step_environment(kit: Kit, step: Step) -> None:
-    path = kit.out / "environment.json"
+    path = kit.out / FILES[step.name]
     run = kit.python("-m", "bench.environment", "--json", str(path), interpret=False)
     kit.environment = env = read_json(path)
     settle(step, run, machine_line(env) if env else "", "bench.environment")
@@ -263,8 +312,10 @@ def step_environment(kit: Kit, step: Step) -> None:
 
 
 def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
-    """tests.json from the plugin's lines: counts, failures with their first lines, skips by reason."""
-    collected, records = None, []
+    """A test step's record in tests.json from the plugin's lines: counts, failures in the order they came
+    with their first lines and tracebacks, skips by reason, and the test running when the run stopped (one
+    started and not finished: the deadline or a crash came in it)."""
+    collected, records, started, finished = None, [], [], set()
     for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
         try:
             record = json.loads(line)
@@ -272,6 +323,10 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
             continue  # a line cut off by the deadline
         if "collected" in record:
             collected = record["collected"]
+        elif "started" in record:
+            started.append(record["started"])
+        elif "finished" in record:
+            finished.add(record["finished"])
         else:
             records.append(record)
     counts: dict[str, int] = {}
@@ -289,6 +344,8 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
         "collected": collected,
         "ran": ran,
         "not_reached": None if collected is None else max(0, collected - ran),
+        "running": next((test for test in reversed(started) if test not in finished), None),
+        "last_finished": next((test for test in reversed(started) if test in finished), None),
         "counts": counts,
         "failures": [{k: r.get(k, "") for k in ("test", "when", "line", "report")} for r in records
                      if r["outcome"] in ("failed", "error", "xpassed")],  # fmt: skip
@@ -298,22 +355,38 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
     }
 
 
-def step_tests(kit: Kit, step: Step) -> None:
-    jsonl = kit.scratch / "outcomes.jsonl"
-    files = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
-    ordered = [*(f for f in KERNEL_TESTS if f in files), *(f for f in files if f not in KERNEL_TESTS + [KIT_TEST])]
-    selection = DRY_TESTS if kit.dry_run else [f"tests/{f}" for f in ordered]
-    run = kit.python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_outcomes",
-                     "--outcomes-jsonl", str(jsonl), "--continue-on-collection-errors", *selection)  # fmt: skip
+def run_pytest(kit: Kit, step: Step, selection: list[str], note: str = "") -> None:
+    """Run pytest on `selection` with the outcomes plugin; add the step's record to tests.json (under its
+    name) and settle the step: its counts, `note`, the test running when it stopped, the first failure."""
+    jsonl = kit.scratch / f"{step.name}.jsonl"
+    run = kit.python(*PYTEST, "--outcomes-jsonl", str(jsonl), *selection)
     tests = summarize_tests(jsonl, step.commands[-1], run)
-    (kit.out / "tests.json").write_text(json.dumps(tests, indent=2))
-    line = report.tests_line(tests)
+    path = kit.out / FILES[step.name]
+    path.write_text(json.dumps({**(read_json(path) or {}), step.name: tests}, indent=2))
+    line = "; ".join(part for part in (report.tests_line(tests), note) if part)
+    if tests["running"]:
+        line += f"; running when it stopped: {tests['running']}"
     if tests["failures"]:
         first = tests["failures"][0]
         line += f"; first failure: {first['test']}: {first['line']}"
     settle(step, run, line, "pytest")
     if step.status == "failed" and tests["ran"]:  # the counts say more than pytest's last line
         step.line = f"{step.line.split(':')[0]}; {line}"
+
+
+def step_tests(kit: Kit, step: Step) -> None:
+    """The gpu-marked tests of tests/, then the kernels' tests (KERNEL_TESTS, in order)."""
+    present = {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    missing = [name for name in KERNEL_TESTS if name not in present]
+    selection = ["--first-gpu-then", ",".join(name for name in KERNEL_TESTS if name in present)]
+    selection += DRY_TESTS if kit.dry_run else ["tests"]
+    run_pytest(kit, step, selection, f"not in tests/: {', '.join(missing)}" if missing else "")
+
+
+def step_suite(kit: Kit, step: Step) -> None:
+    """The rest of tests/: neither gpu-marked nor a kernel test, nor the kit's own test."""
+    ignored = [f"--ignore=tests/{name}" for name in (*KERNEL_TESTS, KIT_TEST)]
+    run_pytest(kit, step, ["-m", "not gpu", *ignored, *(DRY_SUITE if kit.dry_run else ["tests"])])
 
 
 def compute_sanitizer() -> str | None:
@@ -354,14 +427,14 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
                        else "cut" if any(r.cut for r in runs) else "passed")  # fmt: skip
         step.line = " | ".join(line for _, line in results)
     limit = MAX_FILE_BYTES // (4 * len(sections))  # characters: up to 4 bytes each
-    (kit.out / "sanitizer.txt").write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
+    (kit.out / FILES[step.name]).write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
 
 
 def elbo_head(kit: Kit, sizes: tuple[int, int, int], json_path: Path, impls: list[str]) -> Run:
     batch, dim, latent = sizes
     args = ["--batch", str(batch), "--dim", str(dim), "--latent", str(latent), "--impl", *impls]
-    return kit.python("-m", "bench.elbo_head", *args, *([*DRY_DTYPES, "--reps", "2"] if kit.dry_run else []),
-                      "--json", str(json_path))  # fmt: skip
+    dtypes = [*DRY_DTYPES, "--reps", "2"] if kit.dry_run else GPU_DTYPES
+    return kit.python("-m", "bench.elbo_head", *args, *dtypes, "--json", str(json_path))
 
 
 def elbo_results_expected(kit: Kit, impls: list[str]) -> int:
@@ -371,7 +444,7 @@ def elbo_results_expected(kit: Kit, impls: list[str]) -> int:
 
 def step_elbo_head(kit: Kit, step: Step) -> None:
     sizes = HEADLINE[kit.dry_run]
-    path = kit.out / "elbo_head.json"
+    path = kit.out / FILES[step.name]
     impls = ["eager", "compile", "fused"]
     run = elbo_head(kit, sizes, path, impls)
     results = (read_json(path) or {}).get("results", [])
@@ -389,10 +462,10 @@ def step_bandwidth(kit: Kit, step: Step) -> None:
     run = elbo_head(kit, sizes, scratch, ["fused"])
     data = read_json(scratch) or {"results": []}
     if data["results"]:
-        merged = read_json(kit.out / "elbo_head.json") or {**data, "results": []}
+        merged = read_json(kit.out / FILES[step.name]) or {**data, "results": []}
         merged["results"] += data["results"]
         merged["copy_bandwidth_gbs"] = merged.get("copy_bandwidth_gbs") or data.get("copy_bandwidth_gbs")
-        (kit.out / "elbo_head.json").write_text(json.dumps(merged, indent=2))
+        (kit.out / FILES[step.name]).write_text(json.dumps(merged, indent=2))
     bandwidth = data.get("copy_bandwidth_gbs")
     achieved = [f"{r['case']['dtype']} {r['case']['dist']} {r['gbs']:,.0f} GB/s ({100 * r['gbs'] / bandwidth:.0f}%)"
                 for r in data["results"] if r.get("gbs") and bandwidth]  # fmt: skip
@@ -411,8 +484,8 @@ def step_train_throughput(kit: Kit, step: Step) -> None:
     graphs = [] if kit.dry_run else available  # CUDA graphs need CUDA
     systems = ["baseline", "reference", "fused", *graphs]
     sizes = ["--num-train", "256", "--num-test", "128", "--batch", "64", "128"] if kit.dry_run else \
-        ["--batch", "128", "1024"]
-    path = kit.out / "train_throughput.json"
+        ["--num-train", "20000", "--num-test", "5000", "--batch", "128", "1024"]  # a third of sprites: its share
+    path = kit.out / FILES[step.name]
     run = kit.python("-m", "bench.train_throughput", *sizes, "--epochs", "2", "--warmup", "1",
                      "--systems", *systems, "--json", str(path))  # fmt: skip
     results = (read_json(path) or {}).get("results", [])
@@ -428,7 +501,7 @@ def step_host_overhead(kit: Kit, step: Step) -> None:
     if importlib.util.find_spec("bench.host_overhead") is None:
         step.status, step.line = "skipped", "bench.host_overhead is not in this version"
         return
-    path = kit.out / "host_overhead.json"
+    path = kit.out / FILES[step.name]
     run = kit.python("-m", "bench.host_overhead", "--json", str(path), interpret=False)
     results = (read_json(path) or {}).get("results")
     settle(step, run, f"{'no' if results is None else len(results)} results", "bench.host_overhead")
@@ -442,6 +515,7 @@ ACTIONS: dict[str, Callable[[Kit, Step], None]] = {
     "bandwidth": step_bandwidth,
     "train_throughput": step_train_throughput,
     "host_overhead": step_host_overhead,
+    "suite": step_suite,
 }
 
 
@@ -455,25 +529,39 @@ def _elbo_rows(data: dict | None, sizes: tuple[int, int, int]) -> dict | None:
     return {**data, "results": rows} if rows else None
 
 
+def failure_details(step: dict) -> list[str]:
+    """A failed or cut step in summary.md: its commands and the tail of its output."""
+    tail = step["log_tail"][-SUMMARY_TAIL_CHARS:].strip() or "(no output)"
+    return [f"### {step['name']} ({step['status']})", "", *(f"Command: `{c}`" for c in step["commands"]), "",
+            f"The end of its output ({SUMMARY_TAIL_CHARS:,} characters at most; gpu_check.json has "
+            f"{LOG_TAIL_CHARS:,}):", "", "```text", tail, "```", ""]  # fmt: skip
+
+
 def summary_markdown(out: Path, record: dict) -> str:
-    """summary.md: the kit's run, its steps, the tests, the sanitizers and each benchmark's table."""
+    """summary.md: the kit's run, its steps, what failed or was cut (commands, output), the tests with the
+    first failures' tracebacks, the sanitizers and each benchmark's table."""
     steps = {s["name"]: s for s in record["steps"]}
-    env = read_json(out / "environment.json")
     title = "fastvae GPU check" + (": dry run on the CPU (tiny sizes; nothing here is a GPU figure)"
                                    if record["dry_run"] else "")  # fmt: skip
     lines = [f"# {title}", "", f"Command: `{record['command']}`", "",
-             f"{record['date']}; {record['seconds']:.0f} s of a {record['budget_s']:.0f} s budget; "
-             f"exit status {record['exit_status']}.", ""]  # fmt: skip
-    if env:
-        lines += [f"Machine: {machine_line(env)}.", ""]
+             f"{record['date']}; {record['seconds']:.0f} s of a {record['budget_s']:.0f} s budget (everything "
+             f"included); exit status {record['exit_status']}.", ""]  # fmt: skip
+    if record["machine"]:
+        lines += [f"Machine: {record['machine']}.", ""]
     lines += ["## Steps", "", *report.steps_markdown(record["steps"]), ""]
     not_run = [s for s in record["steps"] if s["status"] in ("skipped", "cut", "failed")]
     if not_run:
         lines += ["Failed, cut short or skipped:", ""]
         lines += [*(f"- **{s['name']}** ({s['status']}): {s['line']}" for s in not_run), ""]
-    tests = read_json(out / "tests.json")
-    if tests:
-        lines += ["## Tests", "", *report.tests_markdown(tests), ""]
+    stopped = [s for s in not_run if s["status"] in ("cut", "failed") and s["commands"]]
+    if stopped:
+        lines += ["## What failed or was cut short", ""]
+        for step in stopped:
+            lines += failure_details(step)
+    tests = read_json(out / "tests.json") or {}
+    for name, heading in (("tests", "Tests: gpu-marked, then the kernels'"), ("suite", "Tests: the rest of the suite")):
+        if name in tests:
+            lines += [f"## {heading}", "", *report.tests_markdown(tests[name]), ""]
     if "sanitizer" in steps:
         commands = "; ".join(f"`{c}`" for c in steps["sanitizer"]["commands"])
         lines += ["## compute-sanitizer", "", f"Commands: {commands}", "", steps["sanitizer"]["line"], "",
@@ -514,25 +602,48 @@ def exit_status(steps: list[Step]) -> int:
     return 3 if "skipped" in statuses else 0
 
 
+def step_names(text: str) -> list[str]:
+    """--steps' value: NAME[,NAME...], each a step of the kit."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in STEPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"no step {', '.join(unknown) or repr(text)}; the steps: {', '.join(STEPS)}")
+    return names
+
+
+def shares_epilog() -> str:
+    """--help's last lines: the steps' shares of the default budget."""
+    default = shares(DEFAULT_BUDGET_S, DEFAULT_STEPS)
+    listed = ", ".join(f"{name} {default[name]:.0f} s" for name in DEFAULT_STEPS)
+    return (f"Shares of the default {DEFAULT_BUDGET_S:.0f} s budget ({RESERVE_S:.0f} s of it the reserve): {listed}. "
+            f"With --steps, the environment keeps its {ENVIRONMENT_S:.0f} s and the other steps chosen share the "
+            f"rest in these proportions (suite's weight: {SHARES['suite']}).")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+        prog="python -m bench.gpu_check", description=__doc__, epilog=shares_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="an empty or new folder for the files (at most 8)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"seconds for all the steps together (default {DEFAULT_BUDGET_S:.0f})")  # fmt: skip
-    p.add_argument("--steps", nargs="+", choices=list(SHARES), default=list(SHARES),
-                   help="only these steps (run in the kit's order), their shares scaled to the budget")  # fmt: skip
+                   help=f"seconds for the whole run, everything included (default {DEFAULT_BUDGET_S:.0f}: "
+                        f"5 minutes); more than {RESERVE_S + ENVIRONMENT_S:.0f}")  # fmt: skip
+    p.add_argument("--steps", nargs="+", type=step_names, metavar="NAME[,NAME...]",
+                   help=f"only these steps, run in the kit's order after the environment, which always runs "
+                        f"(default: {','.join(DEFAULT_STEPS)}; also: suite)")  # fmt: skip
     p.add_argument("--inject", nargs="+", default=[], metavar="STEP=fail|hang", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.steps = [name for name in SHARES if name in args.steps]
+    chosen = DEFAULT_STEPS if args.steps is None else {name for names in args.steps for name in names}
+    args.steps = [name for name in STEPS if name in chosen or name == "environment"]
     for item in args.inject:
         name, _, mode = item.partition("=")
-        if name not in SHARES or mode not in ("fail", "hang"):
+        if name not in STEPS or mode not in ("fail", "hang"):
             p.error(f"--inject takes STEP=fail or STEP=hang, got {item!r}")
-    if args.budget <= 0:
-        p.error(f"--budget must be > 0 seconds, got {args.budget:g}")
+    if args.budget <= RESERVE_S + ENVIRONMENT_S:
+        p.error(f"--budget must be more than {RESERVE_S + ENVIRONMENT_S:.0f} seconds (the reserve and the "
+                f"environment's share), got {args.budget:g}")  # fmt: skip
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         p.error(f"--out {out} is not an empty folder: the kit writes its files into an empty or new one")
@@ -545,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     kit.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "bench.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     mode = "a dry run on the CPU" if args.dry_run else "on the GPU"
-    print(f"bench.gpu_check: {len(kit.steps)} steps in {args.budget:.0f} s, {mode}; files into {kit.out}", flush=True)
+    planned = ", ".join(f"{s.name} {s.share_s:.0f} s" for s in kit.steps)
+    print(f"bench.gpu_check: a {args.budget:.0f} s budget, everything included ({RESERVE_S:.0f} s kept to stop "
+          f"the last step and write the files), {mode}; files into {kit.out}; steps: {planned}",
+          flush=True)  # fmt: skip
     for step in kit.steps:
         if kit.environment is not None and not kit.dry_run and not kit.environment.get("cuda_devices"):
             step.status, step.line = "skipped", "no CUDA device (see the environment step)"
@@ -556,19 +670,22 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "dry_run": args.dry_run,
         "budget_s": args.budget,
+        "reserve_s": RESERVE_S,
         "seconds": round(time.monotonic() - kit.started, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_line(kit.environment) if kit.environment else None,
         "exit_status": exit_status(kit.steps),
         "steps": [asdict(s) for s in kit.steps],
     }
-    (kit.out / "gpu_check.json").write_text(json.dumps(record, indent=2))
-    (kit.out / "summary.md").write_text(summary_markdown(kit.out, record))
+    record_path, summary_path = (kit.out / name for name in KIT_FILES)
+    record_path.write_text(json.dumps(record, indent=2))
+    summary_path.write_text(summary_markdown(kit.out, record))
     shutil.rmtree(kit.scratch, ignore_errors=True)
     problems = check_files(kit.out)
     for problem in problems:
         print(f"bench.gpu_check: {problem}", flush=True)
     status = 1 if problems else record["exit_status"]
-    print(f"bench.gpu_check: exit status {status}; the summary is {kit.out / 'summary.md'}", flush=True)
+    print(f"bench.gpu_check: exit status {status}; the summary is {summary_path}", flush=True)
     return status
 
 

@@ -1,13 +1,19 @@
 """A pytest plugin that writes one JSON line per test outcome as each test finishes, so a run that is
-stopped part-way (a time budget) still says what ran and how. `python -m bench.gpu_check` loads it:
+stopped part-way (a time budget) or crashes still says what ran, how, and what was running. `python -m
+bench.gpu_check` loads it:
 
-    python -m pytest -p bench.pytest_outcomes --outcomes-jsonl PATH ...
+    python -m pytest -p bench.pytest_outcomes --outcomes-jsonl PATH [--first-gpu-then FILE,...] ...
 
-Lines: {"collected": N} once collection is done; then per outcome {"test", "outcome", "when", "seconds",
-"line"}, with outcome one of passed, failed, error (in collection, set-up or tear-down), skipped, xfailed,
-xpassed, and "line" the failure's message as pytest's short summary gives it, or the skip's reason; a
-failure or error also has "report", the end of its traceback (the last 3000 characters). As in pytest's
-own counts, a test that fails and then errors in its tear-down has two lines.
+Lines: {"collected": N} once collection is done; {"started": NODEID} as each test begins and {"finished":
+NODEID} once its tear-down is done; then per outcome {"test", "outcome", "when", "seconds", "line"}, with
+outcome one of passed, failed, error (in collection, set-up or tear-down), skipped, xfailed, xpassed, and
+"line" the failure's message as pytest's short summary gives it, or the skip's reason; a failure or error
+also has "report", the end of its traceback (the last 3000 characters; with `--tb=short`, a short one). As
+in pytest's own counts, a test that fails and then errors in its tear-down has two outcome lines.
+
+--first-gpu-then FILE,...: run only the tests marked `gpu` (from any file collected) and those of the files
+named (by file name, e.g. test_latent.py), the gpu-marked ones first, then the files' tests in the order
+the files are named; every other test collected is deselected.
 """
 
 from __future__ import annotations
@@ -21,12 +27,36 @@ REPORT_CHARS = 3000
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--outcomes-jsonl", default=None, help="append one JSON line per test outcome here")
+    parser.addoption(
+        "--first-gpu-then",
+        default=None,
+        metavar="FILE,...",
+        help="only the gpu-marked tests, first, then the tests of these files in this order",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--outcomes-jsonl")
     if path:
         config.pluginmanager.register(OutcomeWriter(path), "outcome-writer")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    files = config.getoption("--first-gpu-then")
+    if files is None:
+        return
+    rank = {name: i for i, name in enumerate(files.split(","))}
+
+    def key(item: pytest.Item) -> int:
+        """-1 for a gpu-marked test, else its file's place among the files named."""
+        return -1 if item.get_closest_marker("gpu") else rank[item.path.name]
+
+    kept, dropped = [], []
+    for item in items:
+        (kept if item.get_closest_marker("gpu") or item.path.name in rank else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = sorted(kept, key=key)  # stable: collection order within a file and among the gpu-marked
 
 
 def message(report: pytest.TestReport | pytest.CollectReport) -> str:
@@ -67,6 +97,12 @@ class OutcomeWriter:
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.write({"collected": len(session.items)})
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self.write({"started": nodeid})
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        self.write({"finished": nodeid})
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:

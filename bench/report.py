@@ -125,14 +125,28 @@ def tests_line(tests: dict) -> str:
     return f"{tests['ran']} of {collected} tests ran: {counts}"
 
 
+TRACEBACKS = 10  # failures whose tracebacks summary.md shows (tests.json has every one)
+TRACEBACK_CHARS = 1500  # of each: its end, where the assertion is
+
+
 def tests_markdown(tests: dict) -> list[str]:
-    """The suite's counts, every failure with its first line, and the skips by reason."""
+    """A test step's counts, the test running when it stopped, every failure with its first line, the first
+    failures' tracebacks (their ends), and the skips by reason."""
     lines = [f"Command: `{tests['command']}`", "", f"{tests_line(tests)} ({tests['seconds']:.0f} s)."]
     if tests["cut"]:
         lines.append(f"Cut short at the step's deadline: {tests['not_reached']} tests not reached.")
-    if tests["failures"]:
+    if tests["running"]:
+        lines.append(f"Running when it stopped: `{tests['running']}` (the last to finish: "
+                     f"`{tests['last_finished'] or 'none'}`).")  # fmt: skip
+    failures = tests["failures"]
+    if failures:
         lines += ["", "| test | phase | first line |", "|---|---|---|"]
-        lines += [f"| `{f['test']}` | {f['when']} | {_cell(f['line'])} |" for f in tests["failures"]]
+        lines += [f"| `{f['test']}` | {f['when']} | {_cell(f['line'])} |" for f in failures]
+        shown = f"the first {TRACEBACKS}" if len(failures) > TRACEBACKS else "each"
+        lines += ["", f"The end of {shown} failure's traceback (tests.json has them all):"]
+        for f in failures[:TRACEBACKS]:
+            lines += ["", f"`{f['test']}` ({f['when']}):", "", "```text",
+                      f["report"][-TRACEBACK_CHARS:].strip() or f["line"], "```"]  # fmt: skip
     if tests["skips"]:
         lines += ["", "Skipped: " + "; ".join(f"{s['count']} × {s['reason']}" for s in tests["skips"]) + "."]
     return lines

@@ -1,6 +1,8 @@
 """`python -m bench.gpu_check`, the one-command GPU verification: its dry run on the CPU writes the files a
-lent GPU session brings back, says what it skipped and why, and a failing or hanging step is recorded while
-the run goes on. (On a GPU machine the dry run still runs on the CPU: it hides the GPU.)"""
+lent GPU session brings back, within a 300 s budget that holds everything, says what it skipped and why; a
+failing or hanging step is recorded while the run goes on; the gpu-marked and kernel tests run first, in a
+set order; --steps reruns only some steps. (On a GPU machine the dry run still runs on the CPU: it hides
+the GPU.)"""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check
+from bench import gpu_check, report
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -55,10 +57,20 @@ def test_dry_run_writes_at_most_8_files_that_parse(dry_run):
 
 
 @pytest.mark.slow
+def test_dry_run_states_its_budget_and_keeps_within_it(dry_run):
+    result, out = dry_run
+    assert result.stdout.startswith("bench.gpu_check: a 300 s budget, everything included (10 s kept")
+    record = json.loads((out / "gpu_check.json").read_text())
+    assert (record["budget_s"], record["reserve_s"]) == (300, 10) and record["seconds"] < 300
+    assert record["machine"].startswith("CPU") and "commit" in record["machine"]
+    assert "of a 300 s budget (everything included)" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
 def test_dry_run_says_what_it_skipped_and_why(dry_run):
     result, out = dry_run
     steps = steps_of(out)
-    assert list(steps) == list(gpu_check.SHARES)
+    assert list(steps) == gpu_check.DEFAULT_STEPS
     sanitizer = steps["sanitizer"]
     assert sanitizer["status"] == "skipped"
     assert "dry run: memcheck and racecheck not run" in sanitizer["line"]
@@ -80,9 +92,13 @@ def test_dry_run_says_what_it_skipped_and_why(dry_run):
 @pytest.mark.slow
 def test_dry_run_records_the_tests_and_the_benchmarks(dry_run):
     _, out = dry_run
-    tests = json.loads((out / "tests.json").read_text())
+    tests = json.loads((out / "tests.json").read_text())["tests"]
     assert (tests["collected"], tests["counts"], tests["failures"]) == (3, {"passed": 2, "skipped": 1}, [])
     assert tests["skips"] == [{"reason": "needs a CUDA device", "count": 1}]
+    assert tests["running"] is None
+    assert tests["last_finished"] == "tests/test_latent.py::test_kl_matches_torch_distributions"
+    present = [name for name in gpu_check.KERNEL_TESTS if (ROOT / "tests" / name).exists()]
+    assert f"--first-gpu-then {','.join(present)} " in tests["command"]
     head = json.loads((out / "elbo_head.json").read_text())
     cases = [(r["case"]["B"], r["case"]["dist"], r["impl"]) for r in head["results"]]
     assert cases == [(64, "gaussian", "eager"), (64, "gaussian", "compile"), (64, "gaussian", "fused"),
@@ -93,30 +109,103 @@ def test_dry_run_records_the_tests_and_the_benchmarks(dry_run):
         (s, b) for b in (64, 128) for s in ("baseline", "reference", "fused")
     ]
     summary = (out / "summary.md").read_text()
-    for heading in ("## Steps", "## Tests", "## compute-sanitizer", "## ELBO head: the headline case",
-                    "## ELBO head: the bandwidth case", "## Training throughput"):  # fmt: skip
+    for heading in ("## Steps", "## Tests: gpu-marked, then the kernels'", "## compute-sanitizer",
+                    "## ELBO head: the headline case", "## ELBO head: the bandwidth case",
+                    "## Training throughput"):  # fmt: skip
         assert heading in summary
     assert "Command: `python -m bench.elbo_head --batch 64 --dim 64 --latent 8" in summary
     assert "| 64 | 64 | 8 | fp32 | bernoulli | fused |" in summary
     assert "| fused | 128 | 1 |" in summary
 
 
+def test_the_default_run_is_300_s_with_the_gpu_and_kernel_tests_first(capsys):
+    """Everything in 300 s: the steps' shares and the reserve add up to it; the tests come right after the
+    environment, then the sanitizer, then the benchmarks, the headline first; test_compile.py runs last."""
+    assert gpu_check.DEFAULT_BUDGET_S == 300
+    assert gpu_check.DEFAULT_STEPS == ["environment", "tests", "sanitizer", "elbo_head", "bandwidth",
+                                       "train_throughput", "host_overhead"]  # fmt: skip
+    shares = gpu_check.shares(gpu_check.DEFAULT_BUDGET_S, gpu_check.DEFAULT_STEPS)
+    assert sum(shares.values()) + gpu_check.RESERVE_S == pytest.approx(300)
+    assert shares == {name: gpu_check.SHARES.get(name, gpu_check.ENVIRONMENT_S) for name in gpu_check.DEFAULT_STEPS}
+    assert gpu_check.KERNEL_TESTS[:3] == ["test_latent.py", "test_likelihood.py", "test_extreme_inputs.py"]
+    assert gpu_check.KERNEL_TESTS[-1] == "test_compile.py"
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "in at most 5 minutes (a 300 s budget, everything included)" in help_text
+    assert "Shares of the default 300 s budget (10 s of it the reserve): environment 10 s, tests 120 s" in help_text
+
+
+def test_steps_reruns_only_the_steps_named_after_the_environment(tmp_path, capsys):
+    def chosen(*steps: str) -> list[str]:
+        return gpu_check.parse_args(["--out", str(tmp_path / "out"), "--steps", *steps]).steps
+
+    assert chosen("elbo_head,tests") == chosen("tests", "elbo_head") == ["environment", "tests", "elbo_head"]
+    assert chosen("suite") == ["environment", "suite"]
+    shares = gpu_check.shares(300, ["environment", "tests", "elbo_head"])  # the whole budget for the two
+    proportion = gpu_check.SHARES["tests"] / gpu_check.SHARES["elbo_head"]
+    assert shares["tests"] / shares["elbo_head"] == pytest.approx(proportion)
+    assert sum(shares.values()) == pytest.approx(300 - gpu_check.RESERVE_S)
+    assert gpu_check.shares(300, ["environment", "suite"])["suite"] == pytest.approx(280)
+    with pytest.raises(SystemExit) as exit_info:
+        chosen("tests,sanitiser")
+    assert exit_info.value.code == 2
+    assert "no step sanitiser; the steps: environment, tests, sanitizer," in capsys.readouterr().err
+
+
+def test_the_files_stay_within_what_comes_back(tmp_path):
+    """Every step writes one of at most 8 names; check_files flags a 9th entry, a folder, a file over 16 MiB."""
+    assert set(gpu_check.FILES) == set(gpu_check.STEPS)
+    assert len({*gpu_check.FILES.values(), *gpu_check.KIT_FILES}) <= gpu_check.MAX_FILES
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(8):
+        (out / f"{i}.json").write_text("{}")
+    assert gpu_check.check_files(out) == []
+    (out / "big.txt").write_bytes(b"")
+    os.truncate(out / "big.txt", 17 * MiB)
+    (out / "folder").mkdir()
+    assert gpu_check.check_files(out) == [f"10 entries in {out}, more than 8", "big.txt is 17.0 MiB, over 16 MiB",
+                                          "folder is not a file"]  # fmt: skip
+
+
 def test_a_failing_and_a_hanging_step_are_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "out"
-    args = ["--dry-run", "--out", str(out), "--steps", "tests", "elbo_head", "--budget", "6",
+    args = ["--dry-run", "--out", str(out), "--steps", "tests,elbo_head", "--budget", "21",
             "--inject", "tests=fail", "elbo_head=hang"]  # fmt: skip
     result = run_kit(*args, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     steps = steps_of(out)
+    assert list(steps) == ["environment", "tests", "elbo_head"]
+    assert steps["environment"]["status"] == "passed"
     assert steps["tests"]["status"] == "failed"
     assert steps["tests"]["line"] == "pytest exited with status 1: injected failure"
     assert steps["elbo_head"]["status"] == "cut"
     assert steps["elbo_head"]["line"].startswith("bench.elbo_head cut short at the step's deadline")
-    assert steps["elbo_head"]["seconds"] < 6 + gpu_check.KILL_GRACE_S + 5
+    assert steps["elbo_head"]["line"].endswith("its last output: (none)")
+    assert json.loads((out / "gpu_check.json").read_text())["seconds"] < 21  # the stop included
     summary = (out / "summary.md").read_text()
     assert "- **tests** (failed): pytest exited with status 1: injected failure" in summary
     assert "- **elbo_head** (cut): bench.elbo_head cut short" in summary
+    assert "### tests (failed)\n\nCommand: `python -c 'raise SystemExit('\"'\"'injected failure" in summary
+    assert "```text\ninjected failure\n```" in summary  # the failed step's output
+
+
+def test_the_suite_step_runs_the_rest_of_the_tests(tmp_path):
+    kit = gpu_check.Kit(gpu_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--steps", "suite"]))
+    kit.out.mkdir()
+    try:
+        kit.execute(kit.steps[1], gpu_check.step_suite)
+    finally:
+        shutil.rmtree(kit.scratch)
+    step = kit.steps[1]
+    assert step.status == "passed", step.line
+    suite = json.loads((kit.out / "tests.json").read_text())["suite"]
+    assert suite["counts"] == {"passed": 2} and suite["command"] == step.commands[0]
+    ignored = [f"--ignore=tests/{name}" for name in (*gpu_check.KERNEL_TESTS, gpu_check.KIT_TEST)]
+    assert f"-m 'not gpu' {' '.join(ignored)} tests/test_packaging.py" in step.commands[0]
 
 
 # A stand-in for compute-sanitizer (a GPU machine's tool): memcheck finds nothing, racecheck a hazard.
@@ -136,11 +225,11 @@ def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     kit = gpu_check.Kit(gpu_check.parse_args(["--out", str(tmp_path / "out"), "--steps", "sanitizer"]))
     kit.out.mkdir()
+    step = kit.steps[1]
     try:
-        kit.execute(kit.steps[0], gpu_check.step_sanitizer)
+        kit.execute(step, gpu_check.step_sanitizer)
     finally:
         shutil.rmtree(kit.scratch)
-    step = kit.steps[0]
     assert step.status == "failed"
     assert step.line == ("memcheck: exit status 0; ERROR SUMMARY: 0 errors | racecheck: exit status 99; "
                          "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")  # fmt: skip
@@ -150,30 +239,50 @@ def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
     assert "Race reported between Write access and Read access" in (kit.out / "sanitizer.txt").read_text()
 
 
-def test_test_failures_are_recorded_with_their_first_lines(tmp_path):
-    (tmp_path / "test_sample.py").write_text(
-        "import pytest\n"
-        "def test_passes():\n    pass\n"
-        "def test_fails():\n    assert 1 == 2, 'one is not two'\n"
-        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
-    )
+SAMPLE_TESTS = {
+    "conftest.py": "def pytest_configure(config):\n    config.addinivalue_line('markers', 'gpu: needs CUDA')\n",
+    "test_one.py": "import pytest\n"
+    "def test_passes():\n    pass\n"
+    "def test_fails():\n    assert 1 == 2, 'one is not two'\n"
+    "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
+    "@pytest.mark.gpu\ndef test_on_gpu():\n    pass\n",
+    "test_two.py": "import os, signal\ndef test_other():\n    pass\n"
+    "def test_crashes():\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    "test_three.py": "def test_not_chosen():\n    pass\n",
+}
+
+
+def test_the_tests_run_in_the_kits_order_and_their_failures_and_crash_are_recorded(tmp_path):
+    """--first-gpu-then: the gpu-marked test first, then the files in the order named, the rest deselected;
+    a failure keeps its short traceback; a crash leaves the test it was in as running."""
+    for name, text in SAMPLE_TESTS.items():
+        (tmp_path / name).write_text(text)
     jsonl = tmp_path / "outcomes.jsonl"
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "bench.pytest_outcomes", "--outcomes-jsonl", str(jsonl),
-            "test_sample.py"]  # fmt: skip
+    argv = [sys.executable, *gpu_check.PYTEST, "--outcomes-jsonl", str(jsonl), "--first-gpu-then",
+            "test_one.py,test_two.py", "."]  # fmt: skip
     completed = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert completed.returncode == -9, completed.stdout + completed.stderr  # SIGKILL in test_crashes
+    started = [json.loads(line)["started"] for line in jsonl.read_text().splitlines() if "started" in line]
+    assert started == ["test_one.py::test_on_gpu", "test_one.py::test_passes", "test_one.py::test_fails",
+                       "test_one.py::test_skipped", "test_two.py::test_other", "test_two.py::test_crashes"]  # fmt: skip
     tests = gpu_check.summarize_tests(jsonl, "pytest", gpu_check.Run(completed.returncode, 1.0, completed.stdout))
-    assert tests["collected"] == 3 and tests["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
+    assert tests["collected"] == 6 and tests["counts"] == {"passed": 3, "failed": 1, "skipped": 1}
+    assert (tests["running"], tests["last_finished"]) == ("test_two.py::test_crashes", "test_two.py::test_other")
     (failure,) = tests["failures"]
-    assert (failure["test"], failure["line"]) == ("test_sample.py::test_fails", "AssertionError: one is not two")
-    assert "assert 1 == 2" in failure["report"]
+    assert (failure["test"], failure["line"]) == ("test_one.py::test_fails", "AssertionError: one is not two")
+    assert "test_one.py:5: in test_fails\n    assert 1 == 2, 'one is not two'" in failure["report"]  # --tb=short
     assert tests["skips"] == [{"reason": "not here", "count": 1}]
+    summary = "\n".join(report.tests_markdown(tests))
+    running = "Running when it stopped: `test_two.py::test_crashes` (the last to finish: `test_two.py::test_other`)"
+    assert running in summary
+    assert f"```text\n{failure['report'].strip()}\n```" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_without_a_gpu_the_real_run_stops_with_one_line(tmp_path):
     out = tmp_path / "out"
-    result = run_kit("--out", str(out), "--steps", "environment", "tests", timeout=120)
+    result = run_kit("--out", str(out), "--steps", "tests", timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     steps = steps_of(out)
     assert steps["environment"]["status"] == "failed"

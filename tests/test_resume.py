@@ -12,6 +12,9 @@ from run_helpers import TINY, assert_same_state, metrics_rows
 from fastvae import checkpoint, train
 
 EPOCHS = ["--epochs", "3"]  # 24 steps
+# The ops flag that a run started without one did not use: fused is the default on CUDA, the reference elsewhere.
+OTHER_OPS = ((["--no-fused"], "--fused false differs from the run's true") if torch.cuda.is_available()
+             else (["--fused"], "--fused true differs from the run's false"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_log_every_may_change_on_resume(reference, tmp_path):
         (["--dataset", "mnist"], '--dataset "mnist" differs from the run\'s "sprites"'),
         (["--hidden", "64"], "--hidden [64] differs from the run's [32]"),
         (["--lr", "0.1"], "--lr 0.1 differs from the run's 0.003"),
-        (["--fused"], "--fused true differs from the run's false"),
+        OTHER_OPS,
         (["--num-train", "128"], "--num-train 128 differs from the run's 256"),
         (["--eval-every", "4"], "--eval-every 4 differs from the run's 0"),
         (["--epochs", "2", "--stop-after", "2"], "--stop-after 2: the run is at step 8 already"),
