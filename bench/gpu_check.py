@@ -108,8 +108,8 @@ DRY_DTYPES = ["--dtype", "fp32"]  # a dry run's ELBO head and sanitizer cases: f
 # reference, then the model and training paths through them, the custom ops' checks, the launch path, and the
 # slowest, test_compile.py (Inductor compiles a graph), last.
 KERNEL_TESTS = ["test_latent.py", "test_likelihood.py", "test_extreme_inputs.py", "test_loss_scaling.py",
-                "test_model.py", "test_iwae.py", "test_log_scale_floor.py", "test_opcheck.py",
-                "test_cached_kernel.py", "test_compile.py"]  # fmt: skip
+                "test_kernel_limits.py", "test_model.py", "test_iwae.py", "test_log_scale_floor.py",
+                "test_opcheck.py", "test_cached_kernel.py", "test_compile.py"]  # fmt: skip
 KIT_TEST = "test_gpu_check.py"  # the kit's own test: a dry run on the CPU, run by `make test`, not here
 PYTEST = ["-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "bench.pytest_outcomes",
           "--continue-on-collection-errors"]  # fmt: skip
