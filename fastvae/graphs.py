@@ -104,8 +104,8 @@ class GraphedSteps:
 def init_adam_state(optimizer: torch.optim.Adam) -> None:
     """Give every parameter of `optimizer` without state the state Adam's first step would make lazily: step
     0 (a float32 tensor (), float64 for a float64 default dtype unless fused, on the parameter's device when
-    capturable or fused, else on the CPU) and zero
-    moments, so that a step captured in a CUDA graph finds it rather than creating it."""
+    capturable or fused, else on the CPU) and zero moments shaped like the parameter, so that a step captured
+    in a CUDA graph finds its state rather than creating it."""
     for group in optimizer.param_groups:
         on_device = group["capturable"] or group["fused"]
         for p in group["params"]:
