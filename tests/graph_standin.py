@@ -83,13 +83,15 @@ class _Recorder(TorchDispatchMode):
 
     The ops run, so that the body's Python gets tensors to go on with, but a capture must leave memory as it
     found it (CUDA records the work and runs none of it): the first time an op or a launch writes a storage
-    that existed before the capture, its bytes are saved, and `undo` puts them back when the capture ends."""
+    that existed before the capture, its bytes are saved, and `undo` puts them back when the capture ends;
+    the storages allocated inside the capture are then filled with 0xFF bytes (NaN, or -1), as a real
+    capture leaves its outputs unwritten until the first replay."""
 
     def __init__(self, work: list) -> None:
         super().__init__()
         self.work = work
         self.paused = False
-        self.fresh: set[int] = set()  # storages allocated inside the capture
+        self.fresh: dict[int, torch.UntypedStorage] = {}  # storages allocated inside the capture, by address
         self.saved: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}
 
     def save(self, tensors: Any) -> None:
@@ -104,6 +106,8 @@ class _Recorder(TorchDispatchMode):
     def undo(self) -> None:
         for storage, saved in self.saved.values():
             storage.copy_(saved)
+        for storage in self.fresh.values():
+            storage.fill_(0xFF)
         self.saved.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -117,12 +121,13 @@ class _Recorder(TorchDispatchMode):
                 self.save(kwargs[arg.name] if arg.name in kwargs else args[i] if i < len(args) else None)
         out = func(*args, **kwargs)
         if func in _ALLOCATIONS:
-            self.fresh.add(out.untyped_storage().data_ptr())
+            self.fresh[_storage(out)] = out.untyped_storage()
         else:
             self.work.append(_AtenOp(func, args, kwargs, out))
             inputs = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            outputs = {_storage(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
-            self.fresh |= outputs - inputs  # a view's or an in-place op's output is its input's memory
+            for t in tree_flatten(out)[0]:  # a view's or an in-place op's output is its input's memory
+                if isinstance(t, torch.Tensor) and _storage(t) not in inputs:
+                    self.fresh[_storage(t)] = t.untyped_storage()
         return out
 
 

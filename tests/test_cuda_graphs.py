@@ -109,7 +109,8 @@ CPU_RUN = [*TINY, "--likelihood", "bernoulli", "--epochs", "2", "--fused", "--de
 
 @on_the_cpu_only
 def test_the_standin_replays_device_work_and_no_python(standin):
-    """The stand-in itself: a capture runs the body's Python once and leaves memory as it was; a replay
+    """The stand-in itself: a capture runs the body's Python once and leaves memory as it was (its own
+    outputs unwritten); a replay
     repeats the recorded ops on the same tensors (an allocated output gets the new value, in-place ops mutate
     again) and none of the Python; a host synchronisation inside a capture is refused."""
     a, calls = torch.ones(3), []
@@ -124,6 +125,7 @@ def test_the_standin_replays_device_work_and_no_python(standin):
         body()
     b = g.work[0].out
     assert calls == [1] and a.tolist() == [1.0] * 3  # captured, not run
+    assert b.isnan().all()  # a capture's outputs are unwritten until a replay
     g.replay()
     g.replay()
     assert calls == [1] and b.tolist() == [6.0] * 3 and a.tolist() == [9.0] * 3
