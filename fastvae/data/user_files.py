@@ -1,0 +1,163 @@
+"""A user's own data: one array in a .npz, .npy or .pt file, checked and split into train and test."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastvae.data.splits import DataError, DataSplits, _reason
+
+_USER_SUFFIXES = (".npz", ".npy", ".pt")
+_PREFERRED_KEYS = ("x", "images", "data")
+
+
+def _pick(keys: Sequence[str], path: Path) -> str:
+    """The array to use: one of the preferred keys, else the only array; several others are ambiguous."""
+    if not keys:
+        raise DataError(f"{path} holds no arrays")
+    preferred = next((k for k in _PREFERRED_KEYS if k in keys), None)
+    if preferred is not None:
+        return preferred
+    if len(keys) > 1:
+        raise DataError(
+            f"{path} holds {len(keys)} arrays ({', '.join(sorted(keys))}) and none is named "
+            f"{', '.join(_PREFERRED_KEYS)}; save the data under one of those names, or alone"
+        )
+    return keys[0]
+
+
+def _from_numpy(array: np.ndarray, path: Path) -> torch.Tensor:
+    """A numeric numpy array -> tensor; strings, records, dates and other non-numbers are a DataError."""
+    if array.dtype.kind not in "biufc":
+        raise DataError(
+            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats in [0, 1]"
+        )
+    try:
+        return torch.from_numpy(array)
+    except TypeError as err:  # e.g. float128, which torch has no dtype for
+        raise DataError(f"{path} holds {array.dtype} values, which torch cannot read: {_reason(err)}") from err
+
+
+def _read_user_file(path: Path) -> torch.Tensor:
+    """The array in a .npz (key x/images/data, else the only one), .npy or .pt (tensor or dict) file."""
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            return _from_numpy(np.load(path, allow_pickle=False), path)
+        if suffix == ".npz":
+            with path.open("rb") as f:
+                is_npy = f.read(6) == b"\x93NUMPY"
+            if is_npy:
+                raise DataError(f"{path} is a single .npy array, not a .npz archive; name it .npy")
+            if not zipfile.is_zipfile(path):
+                raise DataError(f"cannot read {path}: not a .npz (zip) archive")
+            with np.load(path, allow_pickle=False) as archive:
+                return _from_numpy(archive[_pick(list(archive.files), path)], path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except DataError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # numpy refuses object arrays, and pickles, without allow_pickle
+            raise DataError(
+                f"{path} is not a numeric array: numpy reads it as Python objects (an object array, or a "
+                "pickle or other non-.npy bytes), which are not loaded; save a numeric array"
+            ) from err
+        raise DataError(f"cannot read {path}: {_reason(err)}") from err
+    except pickle.UnpicklingError as err:
+        raise DataError(
+            f"{path} holds Python objects that torch.load(weights_only=True) does not load (or is not a "
+            "file from torch.save); save only tensors, or a dict of tensors"
+        ) from err
+    except Exception as err:  # a corrupt or foreign file makes numpy / torch raise many kinds of errors
+        hint = " (is it a file from torch.save?)" if path.suffix.lower() == ".pt" else ""
+        raise DataError(f"cannot read {path}{hint}: {_reason(err)}") from err
+    where = ""
+    if isinstance(obj, dict) and any(k in obj for k in _PREFERRED_KEYS):
+        key = next(k for k in _PREFERRED_KEYS if k in obj)
+        obj, where = obj[key], f" under the key {key!r}"
+    if not isinstance(obj, torch.Tensor):
+        keys = f" with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else ""
+        raise DataError(
+            f"{path} holds a {type(obj).__name__}{keys}{where}; expected a tensor, or a dict with one of the "
+            f"keys {', '.join(_PREFERRED_KEYS)}"
+        )
+    if obj.layout != torch.strided:
+        raise DataError(f"{path} holds a {obj.layout} tensor{where}; expected a dense tensor (use .to_dense())")
+    return obj.detach()
+
+
+def _user_layout(x: torch.Tensor, path: Path) -> torch.Tensor:
+    """(N, D) and (N, C, H, W) stay; (N, H, W) gets a channel axis. No samples or no values is an error."""
+    if x.ndim not in (2, 3, 4):
+        raise DataError(
+            f"{path} holds an array of shape {tuple(x.shape)}; expected (N, D), (N, H, W) or (N, C, H, W)"
+        )
+    if len(x) == 0:
+        raise DataError(f"{path} holds no samples (shape {tuple(x.shape)})")
+    if x[0].numel() == 0:
+        raise DataError(f"{path} holds samples with no values (shape {tuple(x.shape)}); every dimension must be >= 1")
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def _user_values(x: torch.Tensor, path: Path) -> torch.Tensor:
+    """bool -> uint8 0/255; integers must lie in 0..255 (-> uint8); floats in [0, 1] (-> float32)."""
+    if x.dtype == torch.bool:
+        return x.to(torch.uint8) * 255
+    if x.dtype == torch.uint8:
+        return x
+    if x.is_complex():
+        raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or floats in [0, 1]")
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        if not finite.all():
+            nan = int(torch.isnan(x).sum())
+            counts = [f"{n} {what}" for n, what in ((nan, "NaN"), (int((~finite).sum()) - nan, "infinite")) if n]
+            raise DataError(
+                f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite, in [0, 1]"
+            )
+        lo, hi = x.min().item(), x.max().item()
+        if not (0.0 <= lo and hi <= 1.0):
+            raise DataError(
+                f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; float data must lie in [0, 1] "
+                "(divide 0..255 pixels by 255, or store them as uint8)"
+            )
+        return x.to(torch.float32)
+    wide = x if x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else x.to(torch.float64)
+    lo, hi = wide.min().item(), wide.max().item()  # uint16/32/64 have no min/max kernels in torch
+    if lo < 0 or hi > 255:
+        raise DataError(
+            f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; integer data must lie in 0..255 "
+            "(or store floats in [0, 1])"
+        )
+    return x.to(torch.uint8)
+
+
+def _split_user(x: torch.Tensor, path: Path, seed: int, test_fraction: float) -> DataSplits:
+    """Shuffle with `seed`; the last ceil(N * test_fraction) samples are the test split."""
+    n = len(x)
+    n_test = math.ceil(n * test_fraction - 1e-9)
+    if n_test < 1 or n - n_test < 1:
+        raise DataError(
+            f"{path} has {n} samples: too few for a train and a test split with test_fraction={test_fraction}"
+            f" ({n - n_test} train, {n_test} test); need at least 1 of each"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    x = x[order]
+    return DataSplits(x[: n - n_test], x[n - n_test :], path.name)
+
+
+def _load_user(path: Path, seed: int, test_fraction: float) -> DataSplits:
+    if not path.is_file():
+        raise DataError(f"data file {path} not found")
+    x = _user_values(_user_layout(_read_user_file(path), path), path)
+    return _split_user(x, path, seed, test_fraction)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
