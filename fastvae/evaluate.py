@@ -77,6 +77,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         num_train=1,
         num_test=num_test,
         image_size=config["image_size"],
+        likelihood=config["likelihood"],
     )
     test = DeviceBatches(splits.test, args.batch_size, device=device, seed=args.seed, drop_last=False)
     torch.manual_seed(args.seed)

@@ -239,6 +239,7 @@ def _train(
         num_train=args.num_train,
         num_test=args.num_test,
         image_size=args.image_size,
+        likelihood=args.likelihood,
     )
     if args.batch_size > len(splits.train):
         raise ConfigError(

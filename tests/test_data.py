@@ -360,7 +360,8 @@ def test_split_sizes_follow_test_fraction(tmp_path, n, fraction, n_test):
         (np.zeros((4, 1, 2, 2, 2), np.uint8), r"shape \(4, 1, 2, 2, 2\)"),
         (
             np.linspace(-0.5, 2.0, 20).reshape(10, 2),
-            r"float64 values in \[-0\.5, 2\]; float data must lie in \[0, 1\]",
+            r"float64 values in \[-0\.5, 2\]; with --likelihood bernoulli each value is a probability, so float "
+            r"data must lie in \[0, 1\]",
         ),
         (np.full((10, 2), np.nan, np.float32), r"holds 20 NaN values \(torch.float32\); float data must be finite"),
         (np.full((10, 2), 300, np.int32), r"int32 values in \[300, 300\]; integer data must lie in 0..255"),

@@ -67,7 +67,7 @@ BAD_FILES = [
     ("objects.npy", _npy(np.array([[1, "a"]] * 10, dtype=object)), r"not a numeric array: .*Python objects"),
     ("objects.npz", _npz(x=np.array([[1, "a"]] * 10, dtype=object)), r"not a numeric array: .*Python objects"),
     # range
-    ("above.npy", _npy(np.full((10, 3), 1.5, np.float32)), r"float32 values in \[1\.5, 1\.5\]; float data must lie"),
+    ("above.npy", _npy(np.full((10, 3), 1.5, np.float32)), r"float32 values in \[1\.5, 1\.5\]; with --likelihood bern"),
     ("pixels.pt", _pt(torch.full((10, 3), 255.0)), r"float32 values in \[255, 255\]; .*divide 0\.\.255 pixels by 255"),
     ("bf16.pt", _pt(torch.full((10, 3), -2.0, dtype=torch.bfloat16)), r"bfloat16 values in \[-2, -2\]"),
     ("nan.npy", _npy(np.array([[0.5, np.nan]] * 10, np.float32)), r"holds 10 NaN values \(torch.float32\)"),

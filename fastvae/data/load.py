@@ -37,6 +37,7 @@ def load_dataset(
     num_test: int | None = None,
     image_size: int = 28,
     test_fraction: float = 0.1,
+    likelihood: str = "bernoulli",
 ) -> DataSplits:
     """Load a data set's train and test splits onto the CPU.
 
@@ -51,7 +52,8 @@ def load_dataset(
     0..255 (or other integers in that range, or bool) or finite floats in [0, 1], with N >= 2 and no empty
     dimension; after a shuffle seeded by `seed`, its last ceil(N * test_fraction) samples are the test split.
     `num_train`/`num_test` keep the first n samples of each split (for sprites: render n).
-    `image_size` only applies to sprites; `test_fraction` only to a user's file.
+    `image_size` only applies to sprites; `test_fraction` and `likelihood` only to a user's file: for
+    'gaussian' its floats may take any finite values, for 'bernoulli' (probabilities) they must lie in [0, 1].
     Returns images as (N, C, H, W) uint8, vectors as (N, D) uint8 or float32. Raises DataError.
     """
     if name == "sprites":
@@ -68,7 +70,7 @@ def load_dataset(
     elif name.lower().endswith(_USER_SUFFIXES):
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-        splits = _load_user(Path(name), seed, test_fraction)
+        splits = _load_user(Path(name), seed, test_fraction, likelihood)
     else:
         raise DataError(
             f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy/.pt file"

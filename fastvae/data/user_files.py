@@ -105,8 +105,9 @@ def _user_layout(x: torch.Tensor, path: Path) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
-def _user_values(x: torch.Tensor, path: Path) -> torch.Tensor:
-    """bool -> uint8 0/255; integers must lie in 0..255 (-> uint8); floats in [0, 1] (-> float32)."""
+def _user_values(x: torch.Tensor, path: Path, likelihood: str) -> torch.Tensor:
+    """bool -> uint8 0/255; integers must lie in 0..255 (-> uint8); floats (-> float32) must be finite, and for
+    a Bernoulli likelihood, whose values are probabilities, lie in [0, 1]."""
     if x.dtype == torch.bool:
         return x.to(torch.uint8) * 255
     if x.dtype == torch.uint8:
@@ -122,10 +123,11 @@ def _user_values(x: torch.Tensor, path: Path) -> torch.Tensor:
                 f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite, in [0, 1]"
             )
         lo, hi = x.min().item(), x.max().item()
-        if not (0.0 <= lo and hi <= 1.0):
+        if likelihood == "bernoulli" and not (0.0 <= lo and hi <= 1.0):
             raise DataError(
-                f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; float data must lie in [0, 1] "
-                "(divide 0..255 pixels by 255, or store them as uint8)"
+                f"{path} holds {x.dtype} values in [{lo:g}, {hi:g}]; with --likelihood bernoulli each value is a "
+                "probability, so float data must lie in [0, 1] (divide 0..255 pixels by 255, or store them as "
+                "uint8); real-valued data (standardised, features, audio) fit --likelihood gaussian"
             )
         return x.to(torch.float32)
     wide = x if x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else x.to(torch.float64)
@@ -152,10 +154,10 @@ def _split_user(x: torch.Tensor, path: Path, seed: int, test_fraction: float) ->
     return DataSplits(x[: n - n_test], x[n - n_test :], path.name)
 
 
-def _load_user(path: Path, seed: int, test_fraction: float) -> DataSplits:
+def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str) -> DataSplits:
     if not path.is_file():
         raise DataError(f"data file {path} not found")
-    x = _user_values(_user_layout(_read_user_file(path), path), path)
+    x = _user_values(_user_layout(_read_user_file(path), path), path, likelihood)
     return _split_user(x, path, seed, test_fraction)
 
 
