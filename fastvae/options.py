@@ -292,6 +292,7 @@ def make_config(args: argparse.Namespace, device: torch.device, splits: DataSpli
         device=str(device),
         impl=resolve_impl(args.fused, device),
         data_shape=list(splits.sample_shape),
+        data_range=list(splits.value_range),
         num_train=len(splits.train),
         num_test=len(splits.test),
         versions={"torch": str(torch.__version__), "triton": _version("triton"), "fastvae": fastvae.__version__},

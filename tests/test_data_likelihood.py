@@ -1,5 +1,7 @@
 """The value rule of a user's float data follows the likelihood: Bernoulli needs [0, 1], Gaussian any finite floats."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +33,16 @@ def test_gaussian_still_refuses_non_finite_values(tmp_path):
     np.save(path, np.array([[0.5, np.nan], [2.0, 3.0], [1.0, 1.0]], dtype=np.float32))
     with pytest.raises(DataError, match="1 NaN.*must be finite"):
         load_dataset(str(path), likelihood="gaussian")
+
+
+def test_gaussian_run_trains_on_signed_data_and_records_its_range(tmp_path):
+    from fastvae import train
+
+    path = _signed(tmp_path)
+    out = tmp_path / "runs"
+    args = ["--dataset", path, "--epochs", "1", "--batch-size", "4", "--hidden", "8", "--latent-dim", "2"]
+    assert train.main([*args, "--out", str(out)]) == 0
+    (config_path,) = out.rglob("config.json")
+    config = json.loads(config_path.read_text())
+    assert config["likelihood"] == "gaussian"
+    assert config["data_range"] == [-3.5, 4.5]

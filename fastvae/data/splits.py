@@ -34,6 +34,14 @@ class DataSplits:
         """D, the number of values in one flattened sample."""
         return math.prod(self.sample_shape)
 
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """(min, max) over both splits of the values the model sees: uint8 divided by 255, floats as stored."""
+        scale = 255.0 if self.train.dtype == torch.uint8 else 1.0
+        lo = min(self.train.min().item(), self.test.min().item()) / scale
+        hi = max(self.train.max().item(), self.test.max().item()) / scale
+        return float(lo), float(hi)
+
 
 _MAX_REASON = 200  # characters of a library's error message quoted in a DataError
 
