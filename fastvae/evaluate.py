@@ -78,6 +78,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         num_test=num_test,
         image_size=config["image_size"],
         likelihood=config["likelihood"],
+        layout=config.get("layout", "auto"),
     )
     test = DeviceBatches(splits.test, args.batch_size, device=device, seed=args.seed, drop_last=False)
     torch.manual_seed(args.seed)

@@ -62,7 +62,10 @@ def _conv_grid(data_shape: tuple[int, ...]) -> tuple[int, int, int]:
         raise ValueError(f"`arch`='conv' needs image data of shape (C, H, W), got data_shape {data_shape}")
     _, h, w = data_shape
     if h % 4 or w % 4:
-        raise ValueError(f"`arch`='conv' needs H and W divisible by 4, got data_shape {data_shape}")
+        raise ValueError(
+            f"`arch`='conv' needs H and W divisible by 4, got data_shape {data_shape}, read as (C, H, W) = "
+            f"{tuple(data_shape)}: H={h}, W={w}; if the array is channel-last (N, H, W, C), pass --layout nhwc"
+        )
     return _CONV_CHANNELS[-1], h // 4, w // 4
 
 

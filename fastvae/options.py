@@ -20,7 +20,7 @@ import torch
 
 import fastvae
 from fastvae import checks
-from fastvae.data import DataSplits
+from fastvae.data import LAYOUTS, DataSplits
 from fastvae.model import ARCHS, VAE
 
 
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-train", type=_positive_int, help="use the first N training samples")
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
+    data.add_argument(
+        "--layout", choices=LAYOUTS, default="auto",
+        help="axes of a 4-d array in your file: auto reads (N, H, W, C) with C in 1/3/4 as channel-last images",
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--likelihood", choices=checks.DISTS, default="gaussian", help="p(x|z): Gaussian mean or Bernoulli logits"

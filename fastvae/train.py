@@ -240,7 +240,10 @@ def _train(
         num_test=args.num_test,
         image_size=args.image_size,
         likelihood=args.likelihood,
+        layout=args.layout,
     )
+    for note in splits.notes:
+        console.print(note, soft_wrap=True, markup=False)
     if args.batch_size > len(splits.train):
         raise ConfigError(
             f"--batch-size {args.batch_size} is larger than the {len(splits.train)} training samples, so an "

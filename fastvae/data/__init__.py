@@ -17,6 +17,7 @@ from fastvae.data.idx import read_idx
 from fastvae.data.load import DATASETS, load_dataset
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import SHAPES, render_sprites
+from fastvae.data.user_files import LAYOUTS
 
 __all__ = [
     "CIFAR10_BATCHES",
@@ -25,6 +26,7 @@ __all__ = [
     "DataError",
     "DataSplits",
     "DeviceBatches",
+    "LAYOUTS",
     "SHAPES",
     "load_dataset",
     "read_idx",

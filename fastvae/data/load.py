@@ -38,6 +38,7 @@ def load_dataset(
     image_size: int = 28,
     test_fraction: float = 0.1,
     likelihood: str = "bernoulli",
+    layout: str = "auto",
 ) -> DataSplits:
     """Load a data set's train and test splits onto the CPU.
 
@@ -54,6 +55,8 @@ def load_dataset(
     `num_train`/`num_test` keep the first n samples of each split (for sprites: render n).
     `image_size` only applies to sprites; `test_fraction` and `likelihood` only to a user's file: for
     'gaussian' its floats may take any finite values, for 'bernoulli' (probabilities) they must lie in [0, 1].
+    `layout` ('auto', 'nchw', 'nhwc') reads a user's 4-d array's axes: 'auto' takes (N, H, W, C) with C in
+    1/3/4 and H, W > 4 as channel-last images, and says so in the result's `notes`.
     Returns images as (N, C, H, W) uint8, vectors as (N, D) uint8 or float32. Raises DataError.
     """
     if name == "sprites":
@@ -70,7 +73,7 @@ def load_dataset(
     elif name.lower().endswith(_USER_SUFFIXES):
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-        splits = _load_user(Path(name), seed, test_fraction, likelihood)
+        splits = _load_user(Path(name), seed, test_fraction, likelihood, layout)
     else:
         raise DataError(
             f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy/.pt file"
@@ -79,5 +82,6 @@ def load_dataset(
         _take(splits.train, num_train, "num_train", f"{splits.name} train"),
         _take(splits.test, num_test, "num_test", f"{splits.name} test"),
         splits.name,
+        splits.notes,
     )
 

@@ -23,6 +23,7 @@ class DataSplits:
     train: torch.Tensor
     test: torch.Tensor
     name: str
+    notes: tuple[str, ...] = ()  # one-line remarks for the user, e.g. a layout that was guessed
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -92,8 +92,20 @@ def _read_user_file(path: Path) -> torch.Tensor:
     return obj.detach()
 
 
-def _user_layout(x: torch.Tensor, path: Path) -> torch.Tensor:
-    """(N, D) and (N, C, H, W) stay; (N, H, W) gets a channel axis. No samples or no values is an error."""
+LAYOUTS = ("auto", "nchw", "nhwc")
+"""--layout: how a 4-d array's axes are read; auto takes (N, H, W, C) when it looks like channel-last images."""
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def _looks_channel_last(shape: tuple[int, ...]) -> bool:
+    """(N, H, W, C) with C in 1/3/4 and H, W > 4, whose axis 1 cannot be channels."""
+    return len(shape) == 4 and shape[3] in _CHANNELS and shape[1] > 4 and shape[2] > 4 and shape[1] not in _CHANNELS
+
+
+def _user_layout(x: torch.Tensor, path: Path, layout: str = "auto") -> tuple[torch.Tensor, tuple[str, ...]]:
+    """(N, D) and (N, C, H, W) stay; (N, H, W) gets a channel axis; (N, H, W, C) (guessed under `layout`
+    'auto', or forced by 'nhwc') becomes (N, C, H, W), with a note saying so. Returns (x, notes).
+    No samples, no values, or 'nhwc' on an array that is not 4-d, is an error."""
     if x.ndim not in (2, 3, 4):
         raise DataError(
             f"{path} holds an array of shape {tuple(x.shape)}; expected (N, D), (N, H, W) or (N, C, H, W)"
@@ -102,7 +114,16 @@ def _user_layout(x: torch.Tensor, path: Path) -> torch.Tensor:
         raise DataError(f"{path} holds no samples (shape {tuple(x.shape)})")
     if x[0].numel() == 0:
         raise DataError(f"{path} holds samples with no values (shape {tuple(x.shape)}); every dimension must be >= 1")
-    return x.unsqueeze(1) if x.ndim == 3 else x
+    if layout == "nhwc" and x.ndim != 4:
+        raise DataError(f"--layout nhwc needs an (N, H, W, C) array, but {path} holds shape {tuple(x.shape)}")
+    if layout == "nhwc" or (layout == "auto" and _looks_channel_last(tuple(x.shape))):
+        note = (
+            f"{path.name}: read {tuple(x.shape)} as channel-last (N, H, W, C) images and moved it to (N, C, H, W) "
+            f"{(x.shape[0], x.shape[3], x.shape[1], x.shape[2])}"
+            + ("; pass --layout nchw to read it as it is" if layout == "auto" else "")
+        )
+        return x.permute(0, 3, 1, 2).contiguous(), (note,)
+    return (x.unsqueeze(1) if x.ndim == 3 else x), ()
 
 
 def _user_values(x: torch.Tensor, path: Path, likelihood: str) -> torch.Tensor:
@@ -140,7 +161,9 @@ def _user_values(x: torch.Tensor, path: Path, likelihood: str) -> torch.Tensor:
     return x.to(torch.uint8)
 
 
-def _split_user(x: torch.Tensor, path: Path, seed: int, test_fraction: float) -> DataSplits:
+def _split_user(
+    x: torch.Tensor, path: Path, seed: int, test_fraction: float, notes: tuple[str, ...] = ()
+) -> DataSplits:
     """Shuffle with `seed`; the last ceil(N * test_fraction) samples are the test split."""
     n = len(x)
     n_test = math.ceil(n * test_fraction - 1e-9)
@@ -151,14 +174,14 @@ def _split_user(x: torch.Tensor, path: Path, seed: int, test_fraction: float) ->
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     x = x[order]
-    return DataSplits(x[: n - n_test], x[n - n_test :], path.name)
+    return DataSplits(x[: n - n_test], x[n - n_test :], path.name, notes)
 
 
-def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str) -> DataSplits:
+def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str, layout: str) -> DataSplits:
     if not path.is_file():
         raise DataError(f"data file {path} not found")
-    x = _user_values(_user_layout(_read_user_file(path), path), path, likelihood)
-    return _split_user(x, path, seed, test_fraction)
+    x, notes = _user_layout(_read_user_file(path), path, layout)
+    return _split_user(_user_values(x, path, likelihood), path, seed, test_fraction, notes)
 
 
 # ------------------------------------------------------------------------------------------ public API
