@@ -79,6 +79,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         image_size=config["image_size"],
         likelihood=config["likelihood"],
         layout=config.get("layout", "auto"),
+        test_fraction=config.get("test_fraction", 0.1),
     )
     test = DeviceBatches(splits.test, args.batch_size, device=device, seed=args.seed, drop_last=False)
     torch.manual_seed(args.seed)

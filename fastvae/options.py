@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
     data.add_argument(
+        "--test-fraction", type=float, default=0.1,
+        help="share of your file's samples (after a shuffle seeded by --seed) held out as the test split",
+    )
+    data.add_argument(
         "--layout", choices=LAYOUTS, default="auto",
         help="axes of a 4-d array in your file: auto reads (N, H, W, C) with C in 1/3/4 as channel-last images",
     )

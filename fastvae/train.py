@@ -241,6 +241,7 @@ def _train(
         image_size=args.image_size,
         likelihood=args.likelihood,
         layout=args.layout,
+        test_fraction=args.test_fraction,
     )
     for note in splits.notes:
         console.print(note, soft_wrap=True, markup=False)

@@ -389,7 +389,7 @@ def test_bad_user_files(tmp_path):
     with pytest.raises(DataError, match="cannot read .*junk.npz"):
         load_dataset(str(tmp_path / "junk.npz"))
     np.save(tmp_path / "ok.npy", np.zeros((10, 2), np.uint8))
-    with pytest.raises(DataError, match="test_fraction must be between 0 and 1"):
+    with pytest.raises(DataError, match=r"test fraction \(--test-fraction\) must be between 0 and 1"):
         load_dataset(str(tmp_path / "ok.npy"), test_fraction=1.0)
     with pytest.raises(DataError, match="unknown data set 'cifar'"):
         load_dataset("cifar")

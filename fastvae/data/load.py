@@ -72,7 +72,7 @@ def load_dataset(
         splits = _load_cifar10(Path(data_dir), download)
     elif name.lower().endswith(_USER_SUFFIXES):
         if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+            raise DataError(f"the test fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
         splits = _load_user(Path(name), seed, test_fraction, likelihood, layout)
     else:
         raise DataError(

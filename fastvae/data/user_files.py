@@ -169,7 +169,7 @@ def _split_user(
     n_test = math.ceil(n * test_fraction - 1e-9)
     if n_test < 1 or n - n_test < 1:
         raise DataError(
-            f"{path} has {n} samples: too few for a train and a test split with test_fraction={test_fraction}"
+            f"{path} has {n} samples: too few for a train and a test split with --test-fraction {test_fraction}"
             f" ({n - n_test} train, {n_test} test); need at least 1 of each"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
