@@ -25,6 +25,7 @@ from fastvae.distributed import DistributedContext, LossForward, seed_noise
 from fastvae.graphs import GraphedSteps
 from fastvae.model import VAE, LossOutput
 from fastvae.options import ConfigError
+from fastvae.units import bits_per_dim, sigma_stats
 
 STATS = ("loss", "elbo", "kl", "log_px", "iwae")
 EVAL_BATCH = 1000  # rows per evaluation batch
@@ -228,6 +229,8 @@ class Trainer:
         row = {"kind": "train", "step": self.step, "epoch": epoch, "beta": self.beta(), **means}
         if self.config["iw_samples"] == 1:
             del row["iwae"]  # the same as the ELBO
+        if self.model.log_scale is not None:  # --sigma learned
+            row.update({f"sigma_{name}": value for name, value in sigma_stats(self.model).items()})
         row["samples_per_s"] = self._window_samples / seconds if seconds > 0 else None
         self.write(row)
         self._window_start, self._window_samples = now, 0
@@ -237,6 +240,12 @@ class Trainer:
         self.log_train(epoch)
         self.model.eval()
         stats = test_statistics(self.model, self.test, self.config["amp"], self.ctx)
+        bpd = bits_per_dim(
+            stats["test_elbo"], math.prod(self.model.data_shape), self.model.likelihood,
+            bool(self.config.get("data_8bit")),
+        )
+        if bpd is not None:
+            stats["test_bpd"] = bpd
         self.write({"kind": "eval", "step": self.step, "epoch": epoch, **stats})
         self.model.train()
         self._window_start = time.perf_counter()

@@ -160,13 +160,17 @@ def summary_table(trainer: Trainer) -> Table:
         ("epochs / steps", f"{config['epochs']} / {trainer.step}"),
         ("train loss (last log)", f"{train['loss']:.3f}"),
         ("train ELBO / KL", f"{train['elbo']:.3f} / {train['kl']:.3f}"),
-        ("test ELBO", f"{test['test_elbo']:.3f} nats per sample"),
+        ("test ELBO", f"{test['test_elbo']:.3f} nats per sample"
+         + (f" ({test['test_bpd']:.4f} bits/dim)" if "test_bpd" in test else "")),
         ("throughput", f"{trainer.train_samples / trainer.train_seconds:,.0f} samples/s"),
         (
             "training time",
             f"{trainer.train_seconds:.1f} s (wall {time.perf_counter() - trainer.started:.1f} s)",
         ),
     ]
+    if "sigma_mean" in train:  # --sigma learned
+        rows.insert(6, ("learned σ mean (min, max)",
+                        f"{train['sigma_mean']:.4f} ({train['sigma_min']:.4f}, {train['sigma_max']:.4f})"))
     if config["iw_samples"] > 1:
         rows.insert(5, (f"train IWAE_{config['iw_samples']}", f"{train['iwae']:.3f}"))
     for name, value in rows:
