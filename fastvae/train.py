@@ -368,7 +368,7 @@ def finish_run(
         )
 
     with _signals_to(interrupted):
-        drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history), out_dir)
+        drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history, splits.name), out_dir)
     console.print(summary_table(trainer))
     paths = ", ".join(str(path) for path in drawn)
     if not pictures:
