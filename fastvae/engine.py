@@ -134,6 +134,7 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_path: Path | None = None
     ctx: DistributedContext = field(default_factory=DistributedContext)  # torchrun: this process's rank
+    events: Any = None  # --tensorboard on rank 0: an EventLog (fastvae/tensorboard.py) that gets each row
 
     def __post_init__(self) -> None:
         graphed, cuda = bool(self.config.get("cuda_graphs")), self.device.type == "cuda"
@@ -211,6 +212,8 @@ class Trainer:
         self.metrics_rows += 1
         self.last[row["kind"]] = row
         self.history.append(row)
+        if self.events is not None:
+            self.events.add_row(row)
 
     def log_train(self, epoch: int) -> None:
         """Read the running means (host sync), with the throughput since the previous reading.

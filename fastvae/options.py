@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="draw the run's pictures at its end (samples, reconstructions, interpolations, manifold, loss)",
     )
+    out.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="also write the scalars and pictures as TensorBoard event files, into DIR (default: RUN_DIR/"
+        "tensorboard); needs pip install fastvae[tensorboard]",
+    )
     reliable = parser.add_argument_group("checkpoints and resume (see docs/training.md)")
     reliable.add_argument(
         "--resume",

@@ -49,6 +49,7 @@ from fastvae.options import (
     resolve_device,
     resolve_impl,
 )
+from fastvae.tensorboard import EventLog, check_available
 from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     clear_run_files,
@@ -202,6 +203,8 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
     """
     check_options(args, explicit)
+    if args.tensorboard is not None:
+        check_available()  # before any work
     try:
         ctx = DistributedContext.from_env()  # torchrun's RANK, WORLD_SIZE and LOCAL_RANK (docs/distributed.md)
     except ValueError as err:
@@ -303,6 +306,8 @@ def _train(
         if state is not None:
             console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
         metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
+        if ctx.is_main and args.tensorboard is not None:  # rank 0 writes, as metrics.jsonl
+            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"))
         with open(metrics_path, "a" if state else "w") as metrics:
             trainer.metrics = metrics
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)
@@ -369,6 +374,9 @@ def finish_run(
 
     with _signals_to(interrupted):
         drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history, splits.name), out_dir)
+    if trainer.events is not None:
+        trainer.events.add_pictures(drawn, trainer.step)
+        trainer.events.close()
     console.print(summary_table(trainer))
     paths = ", ".join(str(path) for path in drawn)
     if not pictures:
