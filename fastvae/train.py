@@ -49,7 +49,6 @@ from fastvae.options import (
     resolve_device,
     resolve_impl,
 )
-from fastvae.tensorboard import EventLog, check_available
 from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     clear_run_files,
@@ -60,6 +59,7 @@ from fastvae.rundir import (
     resumed_config,
     write_json,
 )
+from fastvae.tensorboard import EventLog, check_available
 
 EXIT_NONFINITE = 3
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
