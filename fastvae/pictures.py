@@ -42,13 +42,14 @@ class RunRecord:
     dataset: str = ""
 
     def title(self, what: str) -> str:
-        """`what`, with the data set, the step and epoch and the last test ELBO of `history`."""
+        """`what`, and on a second line the data set, the step and epoch and the last test ELBO of `history`
+        (two lines, so that the title of a narrow grid fits)."""
         evals = [row for row in self.history if row["kind"] == "eval"]
         if not evals:
-            return f"{what}: {self.dataset}"
+            return f"{what}\n{self.dataset}"
         last = evals[-1]
         return (
-            f"{what}: {self.dataset}, step {last['step']} (epoch {last['epoch'] + 1}), "
+            f"{what}\n{self.dataset}, step {last['step']} (epoch {last['epoch'] + 1}), "
             f"test ELBO {last['test_elbo']:.2f} nats"
         )
 

@@ -142,7 +142,7 @@ def test_the_grids_carry_titles_row_labels_and_z_axes(tmp_path, monkeypatch):
     run = RunRecord(tiny_model(), torch.randint(0, 256, (8, 1, 6, 5), dtype=torch.uint8), history, "sprites")
     draw(["samples.png", "reconstructions.png", "manifold.png"], run, tmp_path)
     assert len(seen["title"]) == 3
-    assert all("sprites, step 40 (epoch 2), test ELBO -123.46" in title for title in seen["title"])
+    assert all("\nsprites, step 40 (epoch 2), test ELBO -123.46 nats" in title for title in seen["title"])
     assert ["test images", "reconstructions"] in seen["yticks"]
     assert seen["xlabel"] == ["z1 (prior quantiles)"]
     z2 = [labels for labels in seen["yticks"] if len(labels) == 20][0]
