@@ -25,6 +25,7 @@ from fastvae.distributed import DistributedContext, LossForward, seed_noise
 from fastvae.graphs import GraphedSteps
 from fastvae.model import VAE, LossOutput
 from fastvae.options import ConfigError
+from fastvae.units import bits_per_dim, sigma_stats
 
 STATS = ("loss", "elbo", "kl", "log_px", "iwae")
 EVAL_BATCH = 1000  # rows per evaluation batch
@@ -133,6 +134,7 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_path: Path | None = None
     ctx: DistributedContext = field(default_factory=DistributedContext)  # torchrun: this process's rank
+    events: Any = None  # --tensorboard on rank 0: an EventLog (fastvae/tensorboard.py) that gets each row
 
     def __post_init__(self) -> None:
         graphed, cuda = bool(self.config.get("cuda_graphs")), self.device.type == "cuda"
@@ -210,6 +212,8 @@ class Trainer:
         self.metrics_rows += 1
         self.last[row["kind"]] = row
         self.history.append(row)
+        if self.events is not None:
+            self.events.add_row(row)
 
     def log_train(self, epoch: int) -> None:
         """Read the running means (host sync), with the throughput since the previous reading.
@@ -228,6 +232,8 @@ class Trainer:
         row = {"kind": "train", "step": self.step, "epoch": epoch, "beta": self.beta(), **means}
         if self.config["iw_samples"] == 1:
             del row["iwae"]  # the same as the ELBO
+        if self.model.log_scale is not None:  # --sigma learned
+            row.update({f"sigma_{name}": value for name, value in sigma_stats(self.model).items()})
         row["samples_per_s"] = self._window_samples / seconds if seconds > 0 else None
         self.write(row)
         self._window_start, self._window_samples = now, 0
@@ -237,6 +243,12 @@ class Trainer:
         self.log_train(epoch)
         self.model.eval()
         stats = test_statistics(self.model, self.test, self.config["amp"], self.ctx)
+        bpd = bits_per_dim(
+            stats["test_elbo"], math.prod(self.model.data_shape), self.model.likelihood,
+            bool(self.config.get("data_8bit")),
+        )
+        if bpd is not None:
+            stats["test_bpd"] = bpd
         self.write({"kind": "eval", "step": self.step, "epoch": epoch, **stats})
         self.model.train()
         self._window_start = time.perf_counter()

@@ -23,23 +23,25 @@ from rich.table import Table
 
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.model import VAE, iwae_log_likelihood
-from fastvae.options import ConfigError, resolve_device
+from fastvae.options import ConfigError, HelpFormatter, Parser, resolve_device
 from fastvae.runs import RunError, load_run
+from fastvae.units import bits_per_dim, sigma_stats
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastvae.evaluate",
-        description="Test ELBO and importance-weighted log-likelihood bound of a run, in nats per sample.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Test ELBO and importance-weighted log-likelihood bound of a run, in nats per sample "
+        "(and bits per dimension where they apply: docs/maths.md).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a directory written by fastvae.train")
     parser.add_argument("--iw-samples", type=int, default=1000, help="K, importance samples per test sample")
     parser.add_argument("--num-test", type=int, help="evaluate the first N test samples (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=100, help="test samples per batch")
     parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
-    parser.add_argument("--device", help="default: cuda when available")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the draws of z")
     return parser
 
 
@@ -85,7 +87,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     elbo, kl, log_px, iwae = per_sample_bounds(model, test, args.iw_samples, args.chunk)
-    return {
+    dim, eight_bit = math.prod(model.data_shape), splits.test.dtype == torch.uint8
+    bounds = {key: mean_and_se(values) for key, values in (("test_elbo", elbo), ("iwae", iwae))}
+    for bound in bounds.values():
+        bpd = bits_per_dim(bound["mean"], dim, model.likelihood, eight_bit)
+        if bpd is not None:
+            bound["bpd"] = bpd
+    results = {
         "run_dir": str(args.run_dir),
         "dataset": config["dataset"],
         "num_test": len(elbo),
@@ -93,17 +101,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device),
         "fused": device.type == "cuda",
         "units": "nats per sample",
-        "test_elbo": mean_and_se(elbo),
+        "test_elbo": bounds["test_elbo"],
         "test_kl": mean_and_se(kl),
         "test_log_px_given_z": mean_and_se(log_px),
-        "iwae": mean_and_se(iwae),
+        "iwae": bounds["iwae"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if model.log_scale is not None:
+        results["sigma"] = sigma_stats(model)
+    return results
 
 
 def results_table(results: dict[str, Any]) -> Table:
     table = Table(title=f"{results['run_dir']}: {results['num_test']} test samples, nats per sample")
-    for column in ("", "mean", "std. error"):
+    for column in ("", "mean", "std. error", "bits/dim"):
         table.add_column(column, justify="right" if column else "left")
     k = results["iw_samples"]
     for name, key in (
@@ -112,7 +123,13 @@ def results_table(results: dict[str, Any]) -> Table:
         ("log p(x|z)", "test_log_px_given_z"),
         (f"log p(x) >= IWAE_{k}", "iwae"),
     ):
-        table.add_row(name, f"{results[key]['mean']:.3f}", f"{results[key]['se']:.3f}")
+        bpd = results[key].get("bpd")
+        table.add_row(name, f"{results[key]['mean']:.3f}", f"{results[key]['se']:.3f}",
+                      "" if bpd is None else f"{bpd:.4f}")
+    if "sigma" in results:
+        sigma = results["sigma"]
+        table.add_row("learned σ mean (min, max)", f"{sigma['mean']:.4f}", "",
+                      f"({sigma['min']:.4f}, {sigma['max']:.4f})")
     return table
 
 

@@ -3,36 +3,74 @@ the latent space (interpolations between encodings, and the 2-D manifold over th
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
 from fastvae.checkpoint import atomic_write
 from fastvae.model import VAE
 
 GRID_PADDING = 2  # pixels between and around the images of a grid: an n-column grid is n*(W+2)+2 wide
 PAD_VALUE = 0.5  # mid grey between the images, so that each one's frame shows on black backgrounds
+DPI = 100
+MIN_SIDE = 4.0  # inches: a grid is shown at least this wide, its pixels enlarged without smoothing (nearest)
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
-    """Save (N, C, H, W) images with values in [0, 1] (clamped) as a grid with `nrow` images per row.
-
-    C is 1 (grey) or 3 (RGB). The PNG is nrow*(W+2)+2 by ceil(N/nrow)*(H+2)+2 pixels, written atomically.
+def save_grid(
+    images: Tensor,
+    path: str | os.PathLike,
+    nrow: int = 8,
+    title: str = "",
+    row_labels: Sequence[str] = (),
+    ticks: Sequence[float] = (),
+) -> None:
+    """Save (N, C, H, W) images with values in [0, 1] (clamped) as a PNG of a grid with `nrow` images per row,
+    drawn with matplotlib: the grid's pixels enlarged by an integer factor with nearest-neighbour sampling
+    (no smoothing) to at least MIN_SIDE inches at DPI, under `title`. `row_labels`: one label per row of the
+    grid, on its left. `ticks` (a manifold): the latent values of the columns (z1, left to right) and of the
+    rows (z2, bottom to top), shown on labelled axes. C is 1 (grey) or 3 (RGB). Written atomically.
     """
     images = images.detach().float().clamp(0.0, 1.0).cpu()
-    atomic_write(
-        path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=GRID_PADDING, pad_value=PAD_VALUE)
-    )
+    grid = make_grid(images, nrow=nrow, padding=GRID_PADDING, pad_value=PAD_VALUE)  # (3, height, width)
+    height, width = grid.shape[1:]
+    scale = max(1, math.ceil(MIN_SIDE * DPI / max(height, width)))
+    figure = Figure(figsize=(width * scale / DPI + 1.6, height * scale / DPI + 1.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    step_x, step_y = images.shape[-1] + GRID_PADDING, images.shape[-2] + GRID_PADDING
+    centre = lambda i, step: GRID_PADDING + i * step + (step - GRID_PADDING) / 2  # noqa: E731
+    if ticks:
+        axes.set_xticks([centre(i, step_x) for i in range(len(ticks))], [f"{t:.2f}" for t in ticks], rotation=90)
+        axes.set_yticks([centre(i, step_y) for i in range(len(ticks))], [f"{t:.2f}" for t in reversed(ticks)])
+        axes.set_xlabel("z1 (prior quantiles)")
+        axes.set_ylabel("z2 (prior quantiles)")
+    else:
+        axes.set_xticks([])
+        axes.set_yticks([centre(i, step_y) for i in range(len(row_labels))], list(row_labels))
+        axes.tick_params(axis="y", length=0)
+        for side in axes.spines.values():
+            side.set_visible(False)
+    if title:
+        axes.set_title(title)
+    atomic_write(path, lambda f: figure.savefig(f, format="png"))
 
 
-def save_reconstructions(originals: Tensor, reconstructions: Tensor, path: str | os.PathLike) -> None:
-    """One row of originals (N, C, H, W) above the row of their reconstructions, values in [0, 1]."""
+def save_reconstructions(
+    originals: Tensor, reconstructions: Tensor, path: str | os.PathLike, title: str = ""
+) -> None:
+    """One row of originals (N, C, H, W) above the row of their reconstructions, values in [0, 1], labelled."""
     if originals.shape != reconstructions.shape:
         shapes = f"{tuple(reconstructions.shape)} vs {tuple(originals.shape)}"
         raise ValueError(f"`reconstructions` must have the shape of `originals`, got {shapes}")
-    save_grid(torch.cat([originals.float().cpu(), reconstructions.float().cpu()]), path, nrow=len(originals))
+    both = torch.cat([originals.float().cpu(), reconstructions.float().cpu()])
+    save_grid(both, path, nrow=len(originals), title=title, row_labels=("test images", "reconstructions"))
 
 
 def _decoded(model: VAE, z: Tensor) -> Tensor:

@@ -88,14 +88,14 @@ _positive_float = _float_at_least(0.0, strict=True)
 _non_negative_float = _float_at_least(0.0, strict=False)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit code 2) instead of the whole usage."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default once: not where the help text gives it, nor a None or False default."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -106,10 +106,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m fastvae.train`; a usage error exits with code 2."""
-    parser = _Parser(
+    parser = Parser(
         prog="python -m fastvae.train",
         description="Train a VAE with the fused ELBO. Statistics are in nats per sample.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="draw the run's pictures at its end (samples, reconstructions, interpolations, manifold, loss)",
     )
+    out.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="also write the scalars and pictures as TensorBoard event files, into DIR (default: RUN_DIR/"
+        "tensorboard); needs pip install fastvae[tensorboard]",
+    )
     reliable = parser.add_argument_group("checkpoints and resume (see docs/training.md)")
     reliable.add_argument(
         "--resume",
@@ -263,8 +271,8 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r} is not a device: {err}") from None
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -304,6 +312,7 @@ def make_config(args: argparse.Namespace, device: torch.device, splits: DataSpli
         num_train=len(splits.train),
         num_test=len(splits.test),
         versions={"torch": str(torch.__version__), "triton": _version("triton"), "fastvae": fastvae.__version__},
+        data_8bit=splits.train.dtype == torch.uint8,  # 0..255 values: bits per dimension of a Gaussian
         command=" ".join([Path(sys.executable).name, "-m", "fastvae.train", *sys.argv[1:]]),
         started=datetime.now().isoformat(timespec="seconds"),
     )

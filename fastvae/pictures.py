@@ -39,6 +39,19 @@ class RunRecord:
     model: VAE
     test: torch.Tensor
     history: Sequence[dict[str, Any]]
+    dataset: str = ""
+
+    def title(self, what: str) -> str:
+        """`what`, and on a second line the data set, the step and epoch and the last test ELBO of `history`
+        (two lines, so that the title of a narrow grid fits)."""
+        evals = [row for row in self.history if row["kind"] == "eval"]
+        if not evals:
+            return f"{what}\n{self.dataset}"
+        last = evals[-1]
+        return (
+            f"{what}\n{self.dataset}, step {last['step']} (epoch {last['epoch'] + 1}), "
+            f"test ELBO {last['test_elbo']:.2f} nats"
+        )
 
     def test_images(self, n: int) -> torch.Tensor:
         """The first n test images, float32 in [0, 1], on the model's device."""
@@ -46,21 +59,24 @@ class RunRecord:
 
 
 def _samples(run: RunRecord, path: Path) -> None:
-    save_grid(run.model.sample(SAMPLES), path, nrow=8)
+    save_grid(run.model.sample(SAMPLES), path, nrow=8, title=run.title("samples z ~ N(0, I)"))
 
 
 def _reconstructions(run: RunRecord, path: Path) -> None:
     originals = run.test_images(RECONSTRUCTIONS)
-    save_reconstructions(originals, run.model.reconstruct(originals), path)
+    save_reconstructions(originals, run.model.reconstruct(originals), path, title=run.title("reconstructions"))
 
 
 def _interpolations(run: RunRecord, path: Path) -> None:
     pairs = min(PAIRS, len(run.test) // 2)
-    save_grid(interpolations(run.model, run.test_images(2 * pairs), STEPS), path, nrow=STEPS)
+    grid = interpolations(run.model, run.test_images(2 * pairs), STEPS)
+    save_grid(grid, path, nrow=STEPS, title=run.title("interpolations between test encodings"))
 
 
 def _manifold(run: RunRecord, path: Path) -> None:
-    save_grid(latent_manifold(run.model, MANIFOLD), path, nrow=MANIFOLD)
+    quantiles = torch.special.ndtri((torch.arange(MANIFOLD, dtype=torch.float64) + 0.5) / MANIFOLD).tolist()
+    grid = latent_manifold(run.model, MANIFOLD)
+    save_grid(grid, path, nrow=MANIFOLD, title=run.title("latent manifold"), ticks=quantiles)
 
 
 def _loss(run: RunRecord, path: Path) -> None:

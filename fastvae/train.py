@@ -59,6 +59,7 @@ from fastvae.rundir import (
     resumed_config,
     write_json,
 )
+from fastvae.tensorboard import EventLog, check_available
 
 EXIT_NONFINITE = 3
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -160,13 +161,17 @@ def summary_table(trainer: Trainer) -> Table:
         ("epochs / steps", f"{config['epochs']} / {trainer.step}"),
         ("train loss (last log)", f"{train['loss']:.3f}"),
         ("train ELBO / KL", f"{train['elbo']:.3f} / {train['kl']:.3f}"),
-        ("test ELBO", f"{test['test_elbo']:.3f} nats per sample"),
+        ("test ELBO", f"{test['test_elbo']:.3f} nats per sample"
+         + (f" ({test['test_bpd']:.4f} bits/dim)" if "test_bpd" in test else "")),
         ("throughput", f"{trainer.train_samples / trainer.train_seconds:,.0f} samples/s"),
         (
             "training time",
             f"{trainer.train_seconds:.1f} s (wall {time.perf_counter() - trainer.started:.1f} s)",
         ),
     ]
+    if "sigma_mean" in train:  # --sigma learned
+        rows.insert(6, ("learned σ mean (min, max)",
+                        f"{train['sigma_mean']:.4f} ({train['sigma_min']:.4f}, {train['sigma_max']:.4f})"))
     if config["iw_samples"] > 1:
         rows.insert(5, (f"train IWAE_{config['iw_samples']}", f"{train['iwae']:.3f}"))
     for name, value in rows:
@@ -198,6 +203,8 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
     """
     check_options(args, explicit)
+    if args.tensorboard is not None:
+        check_available()  # before any work
     try:
         ctx = DistributedContext.from_env()  # torchrun's RANK, WORLD_SIZE and LOCAL_RANK (docs/distributed.md)
     except ValueError as err:
@@ -304,6 +311,8 @@ def _train(
         if state is not None:
             console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
         metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
+        if ctx.is_main and args.tensorboard is not None:  # rank 0 writes, as metrics.jsonl
+            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"))
         with open(metrics_path, "a" if state else "w") as metrics:
             trainer.metrics = metrics
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)
@@ -369,7 +378,10 @@ def finish_run(
         )
 
     with _signals_to(interrupted):
-        drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history), out_dir)
+        drawn = draw(names, RunRecord(trainer.model, splits.test, trainer.history, splits.name), out_dir)
+    if trainer.events is not None:
+        trainer.events.add_pictures(drawn, trainer.step)
+        trainer.events.close()
     console.print(summary_table(trainer))
     paths = ", ".join(str(path) for path in drawn)
     if not pictures:

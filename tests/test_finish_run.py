@@ -38,11 +38,11 @@ def copy_of(files: dict[str, bytes], out):
 def test_a_signal_while_drawing_then_resume_writes_the_missing_pictures(tmp_path, capsys, monkeypatch, signum, code):
     real_save_grid = pictures.save_grid
 
-    def signal_at_samples(images, path, nrow=8):
+    def signal_at_samples(images, path, nrow=8, **labels):
         if path.name == "samples.png":
             os.kill(os.getpid(), signum)
             time.sleep(0.1)  # the handler runs between bytecodes
-        real_save_grid(images, path, nrow)
+        real_save_grid(images, path, nrow, **labels)
 
     monkeypatch.setattr(pictures, "save_grid", signal_at_samples)
     out = tmp_path / "run"

@@ -50,15 +50,9 @@ def test_run_writes_every_artefact(run_dir):
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", *pictures):
         assert (run_dir / name).stat().st_size > 0, name
     assert not (run_dir / "manifold.png").exists()  # latent dim 4, not 2
-    sizes = {
-        "samples.png": (8 * 30 + 2, 8 * 30 + 2),  # an 8x8 grid of 28x28 images
-        "reconstructions.png": (8 * 30 + 2, 2 * 30 + 2),  # originals above reconstructions
-        "interpolations.png": (10 * 30 + 2, 8 * 30 + 2),  # 8 pairs, 10 steps each
-        "loss.png": (720, 540),
-    }
-    for name, size in sizes.items():
+    for name in pictures:  # 28 x 28 sprites, enlarged to a readable size (tests/test_pictures.py)
         with Image.open(run_dir / name) as image:
-            assert image.size == size, name
+            assert min(image.size) >= 200 and max(image.size) >= 400, name
     with Image.open(run_dir / "loss.png") as image:
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 2  # drawn, not blank
 
