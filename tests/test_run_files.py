@@ -34,7 +34,9 @@ def weight_range(path):
     """The byte offset and size of the largest tensor's data inside the checkpoint's zip."""
     with zipfile.ZipFile(path) as z:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        return info.header_offset + len(info.FileHeader()), info.file_size
+    header = path.read_bytes()[info.header_offset : info.header_offset + 30]
+    names = int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    return info.header_offset + 30 + names, info.file_size
 
 
 def damage(path, how):
