@@ -182,11 +182,11 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has checkpoint format version {version!r}; this fastvae reads version {FORMAT_VERSION}"
         )
-    if "sha256" in state and state["sha256"] != payload_digest(state):  # files without one predate it
-        raise CheckpointError(f"{path} is damaged: its payload does not match its SHA-256", damaged=True)
     for key, kind in REQUIRED.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path} is corrupt: field {key!r} is missing or not a {kind.__name__}")
+    if "sha256" in state and state["sha256"] != payload_digest(state):  # files without one predate it
+        raise CheckpointError(f"{path} is damaged: its payload does not match its SHA-256", damaged=True)
     return state
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import os
 import hashlib
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +24,9 @@ from fastvae.data import DataSplits
 from fastvae.options import ConfigError
 
 PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png", "loss.png")  # pictures.py
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", ckpt.PREVIOUS, "checkpoint.damaged.pt", *PICTURES, "eval.json")
+RUN_FILES = (
+    "config.json", "metrics.jsonl", "checkpoint.pt", ckpt.PREVIOUS, "checkpoint.damaged.pt", *PICTURES, "eval.json"
+)
 LOCK_FILE = "run.lock"  # held (flock) by the one process that writes the run; it holds that process's PID
 
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.

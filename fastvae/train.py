@@ -53,8 +53,8 @@ from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     auto_resume,
     clear_run_files,
-    lock_run_dir,
     data_fingerprint,
+    lock_run_dir,
     prepare_out_dir,
     restore_metrics,
     resume_settings,
@@ -303,7 +303,10 @@ def _train(
             metrics_path = out_dir / "metrics.jsonl"
             trainer.history, repaired = restore_metrics(metrics_path, state["metrics_rows"], state.get("metrics_lines"))
             if repaired:
-                console.print(f"{metrics_path} was damaged or missing: repaired from the checkpoint's copy of its rows.", soft_wrap=True, markup=False)
+                console.print(
+                    f"{metrics_path} was damaged or missing: repaired from the checkpoint's copy of its rows.",
+                    soft_wrap=True, markup=False,
+                )
         trainer.last = {row["kind"]: row for row in trainer.history}
     completed = state is not None and start_epoch >= config["epochs"]  # resumed with every epoch done
     if ctx.is_main:

@@ -69,11 +69,11 @@ def test_from_previous_resumes_from_the_previous_checkpoint(run_dir, tmp_path, c
     assert "previous checkpoint" in capsys.readouterr().out
 
 
-def test_a_payload_checksum_mismatch_is_damage(tmp_path):
+def test_a_payload_checksum_mismatch_is_damage(run_dir, tmp_path):
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save(path, {"w": torch.ones(4)})
-    state = torch.load(path, weights_only=True)
-    state["w"][0] = 2.0  # re-saved with valid CRCs but a payload the checksum does not match
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    # re-saved with valid CRCs but a payload its recorded SHA-256 does not match
+    next(iter(state["model"].values())).view(-1)[0] += 1.0
     torch.save(state, path)
     with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
         checkpoint.load(path)
@@ -178,7 +178,8 @@ def test_metrics_are_fsynced_before_each_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     assert train.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "run"), "--no-pictures"]) == 0
-    assert order and order[0] == "metrics" and all(a == "metrics" for a, b in zip(order, order[1:]) if b == "save")
+    pairs = zip(order, order[1:], strict=False)
+    assert order and order[0] == "metrics" and all(a == "metrics" for a, b in pairs if b == "save")
 
 
 def test_temp_files_of_dead_processes_are_removed_at_a_resume(run_dir, tmp_path):
