@@ -218,3 +218,21 @@ def test_no_circular_advice_before_the_first_checkpoint(tmp_path, capsys):
     second = capsys.readouterr().err
     assert "--auto-resume" in first or "--overwrite" in first
     assert "pass --resume" not in second and "--overwrite" in second
+
+
+def test_evaluate_prints_its_table_before_a_failed_eval_json_write(run_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastvae import evaluate
+
+    out = copy_run(run_dir, tmp_path)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(evaluate.Path, "write_text", refuse)
+    monkeypatch.setattr(checkpoint, "atomic_write", refuse)
+    assert evaluate.main([str(out), "--iw-samples", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "ELBO" in captured.out
+    assert captured.err.count("\n") == 1 and "Read-only file system" in captured.err and "eval.json" in captured.err
