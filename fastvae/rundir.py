@@ -11,6 +11,8 @@ checkpoint knows of. A completed run (every epoch done) can be resumed too: it t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -139,11 +141,17 @@ def auto_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.
     return argparse.Namespace(**{**vars(args), "overwrite": True}), explicit
 
 
-def lock_run_dir(run_dir: Path) -> IO[str]:
+def lock_run_dir(run_dir: Path) -> IO[str] | contextlib.nullcontext[None]:
     """Take the run directory's exclusive lock (creating the directory), for as long as the returned file
-    stays open; the lock dies with its process. ConfigError naming the holder's PID when another has it."""
+    stays open; the lock dies with its process. ConfigError naming the holder's PID when another has it.
+    A read-only directory gets no lock (a null context): no process can write it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES) and run_dir.is_dir():
+            return contextlib.nullcontext()
+        raise
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
