@@ -17,9 +17,10 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fastvae import checkpoint as ckpt
 from fastvae.data import DataSplits
@@ -141,32 +142,43 @@ def auto_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.
     return argparse.Namespace(**{**vars(args), "overwrite": True}), explicit
 
 
-def lock_run_dir(run_dir: Path) -> IO[str] | contextlib.nullcontext[None]:
-    """Take the run directory's exclusive lock (creating the directory), for as long as the returned file
-    stays open; the lock dies with its process. ConfigError naming the holder's PID when another has it.
-    A read-only directory gets no lock (a null context): no process can write it."""
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's exclusive lock (creating the directory) for the `with` block; the lock dies
+    with its process. ConfigError naming the holder's PID when another has it. A read-only directory gets
+    no lock (no process can write it). A directory this made that holds nothing else afterwards (the run
+    failed before writing) is removed again."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
     except OSError as err:
         if err.errno in (errno.EROFS, errno.EACCES) and run_dir.is_dir():
-            return contextlib.nullcontext()
+            yield
+            return
         raise
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ConfigError(
+                f"{run_dir} is in use by another fastvae process (PID {holder}); wait for it to end or stop it, "
+                "then run this again"
+            ) from None
         lock.seek(0)
-        holder = lock.read().strip() or "unknown"
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                (run_dir / LOCK_FILE).unlink()
+                run_dir.rmdir()
+    finally:
         lock.close()
-        raise ConfigError(
-            f"{run_dir} is in use by another fastvae process (PID {holder}); wait for it to end or stop it, "
-            "then run this again"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
 
 
 def clear_run_files(out_dir: Path) -> None:

@@ -220,7 +220,8 @@ def _locked_train(
     state = old_config = None
     if args.resume is not None:
         if ctx.is_main:
-            held.enter_context(lock_run_dir(Path(args.resume)))
+            if Path(args.resume).is_dir():  # else resume_settings says there is no such run directory
+                held.enter_context(lock_run_dir(Path(args.resume)))
         args, state, old_config = resume_settings(args, explicit)  # every rank loads the checkpoint
         out_dir = Path(args.out)
     else:
