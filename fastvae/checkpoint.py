@@ -10,15 +10,22 @@ strings, numbers, booleans, None), so it loads with `torch.load(weights_only=Tru
     running: {"sums", "count"}: the statistics window not yet logged (rng and running: rank 0's)
     ranks: [{"rng", "running"} per process, in rank order]: one entry without torchrun
     metrics_rows: lines of metrics.jsonl that belong to the run up to `step`
+    metrics_lines: those lines themselves (metrics.jsonl is repaired from them)
     train_seconds, train_samples: the throughput counters    config: the run's settings
+    sha256: the SHA-256 of everything else (`payload_digest`), checked on loading with the zip's CRC-32s
+
+`save` keeps the file it replaces as PREVIOUS (checkpoint.prev.pt) beside it, so a damaged latest one
+still leaves a way on (`--resume RUN_DIR --from-previous`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,10 +46,41 @@ REQUIRED = {
     "metrics_rows": int,
     "config": dict,
 }
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the latest, beside it
 
 
 class CheckpointError(Exception):
-    """An unreadable or foreign checkpoint file; the message names the file and the problem."""
+    """An unreadable or foreign checkpoint file; the message names the file and the problem.
+    `damaged`: the file is one of ours whose bytes changed (a CRC-32 or the payload's SHA-256 fails)."""
+
+    def __init__(self, message: str, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+
+
+def payload_digest(state: dict[str, Any]) -> str:
+    """The SHA-256 (hex) of a checkpoint's payload, less its "sha256": every tensor's dtype, shape and bytes
+    and every plain value's repr, in key order (sorted), so the same payload always gives the same digest."""
+    digest = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=repr):
+                digest.update(f"K{key!r}".encode())
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}".encode())
+            for item in obj:
+                walk(item)
+        else:
+            digest.update(f"V{obj!r}".encode())
+
+    walk({k: v for k, v in state.items() if k != "sha256"})
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -80,9 +118,32 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically; `payload` gets the format marker and version."""
+    """Write a checkpoint atomically; `payload` gets the format marker, version and SHA-256. The file it
+    replaces becomes PREVIOUS beside it (a hard link renamed into place: `path` exists throughout)."""
+    path = Path(path)
     state = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
+    state["sha256"] = payload_digest(state)
+    if path.is_file():
+        tmp = path.with_name(f".{PREVIOUS}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, path.with_name(PREVIOUS))
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files (`.NAME.tmp-PID`) of writes that did not finish, but this process's; call
+    it holding the run directory's lock, so no live writer owns them. Returns those removed."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        if tmp.name.rpartition("-")[2] != str(os.getpid()) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -94,6 +155,15 @@ def load(path: Path) -> dict[str, Any]:
         magic = f.read(4)
     if magic != b"PK\x03\x04":  # every torch.save file since torch 1.6 is a zip archive
         raise CheckpointError(f"{path} is not a fastvae checkpoint (not a file written by torch.save)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        bad = None  # no zip directory: torch.load's message below says truncated or corrupt
+    except Exception as err:  # noqa: BLE001 (zlib.error, OSError...: a member cannot be read back)
+        bad = f"a member ({_one_line(err)})"
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: {bad} fails its CRC-32 check", damaged=True)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -115,6 +185,8 @@ def load(path: Path) -> dict[str, Any]:
     for key, kind in REQUIRED.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path} is corrupt: field {key!r} is missing or not a {kind.__name__}")
+    if "sha256" in state and state["sha256"] != payload_digest(state):  # files without one predate it
+        raise CheckpointError(f"{path} is damaged: its payload does not match its SHA-256", damaged=True)
     return state
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -355,6 +356,10 @@ class Trainer:
         own = {"rng": state["rng"], "running": {**state["running"], "sums": state["running"]["sums"].cpu()}}
         state["ranks"] = self.ctx.all_gather_object(own)  # every rank's noise and window; rank 0 writes
         if self.ctx.is_main:
+            state["metrics_lines"] = [json.dumps(row) for row in self.history[: self.metrics_rows]]
+            self.metrics.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # a StringIO has no file
+                os.fsync(self.metrics.fileno())  # the rows the checkpoint counts are on disk before it
             ckpt.save(self.checkpoint_path, state)
         self.ctx.barrier()  # no rank leaves (and has torchrun stop the others) before the file is written
         self.checkpoint_step = self.step
@@ -433,4 +438,8 @@ class Trainer:
         """Where the last good checkpoint is, as a sentence for an error message."""
         if self.checkpoint_step is None or self.checkpoint_path is None:
             return "No checkpoint was written."
+        try:
+            ckpt.load(self.checkpoint_path)  # verified (CRC-32s and SHA-256) before it is called good
+        except ckpt.CheckpointError as err:
+            return f"The last checkpoint cannot be resumed from: {err} (resume with --from-previous)."
         return f"The last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step})."

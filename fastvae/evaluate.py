@@ -9,7 +9,6 @@ RUN_DIR/eval.json. The ops run with impl "auto": the fused Triton kernels on CUD
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -24,6 +23,7 @@ from rich.table import Table
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.model import VAE, iwae_log_likelihood
 from fastvae.options import ConfigError, HelpFormatter, Parser, resolve_device
+from fastvae.rundir import write_json
 from fastvae.runs import RunError, load_run
 from fastvae.units import bits_per_dim, sigma_stats
 
@@ -141,11 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ConfigError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    (args.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    console.print(results_table(results))
-    console.print(
-        f"{results['seconds']:.1f} s on {results['device']}; written to {args.run_dir / 'eval.json'}"
-    )
+    console.print(results_table(results))  # first: a run directory that cannot be written still shows them
+    path = args.run_dir / "eval.json"
+    try:
+        write_json(path, results)  # atomic: an earlier eval.json stays whole if this fails
+    except OSError as err:
+        print(f"error: cannot write {path}: {err.strerror or err}; the results are above", file=sys.stderr)
+        return 2
+    console.print(f"{results['seconds']:.1f} s on {results['device']}; written to {path}")
     return 0
 
 

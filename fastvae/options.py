@@ -207,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after may be given anew",
     )
     reliable.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume the run in --out if it holds one (its settings must match, as with --resume), else start "
+        "it there afresh (for torchrun --max-restarts and a scheduler's requeue)",
+    )
+    reliable.add_argument(
+        "--from-previous",
+        action="store_true",
+        help="with --resume: continue from checkpoint.prev.pt, the checkpoint before the latest (when the "
+        "latest is damaged; it is kept as checkpoint.damaged.pt)",
+    )
+    reliable.add_argument(
         "--checkpoint-every",
         type=_non_negative_int,
         default=0,

@@ -11,8 +11,13 @@ checkpoint knows of. A completed run (every epoch done) can be resumed too: it t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,15 @@ from fastvae.data import DataSplits
 from fastvae.options import ConfigError
 
 PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png", "loss.png")  # pictures.py
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", *PICTURES, "eval.json")
+RUN_FILES = (
+    "config.json", "metrics.jsonl", "checkpoint.pt", ckpt.PREVIOUS, "checkpoint.damaged.pt", *PICTURES, "eval.json"
+)
+LOCK_FILE = "run.lock"  # held (flock) by the one process that writes the run; it holds that process's PID
 
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.
 RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "pictures", "device", "data_dir", "download")
 # Settings of one invocation, never taken over from the run being resumed.
-PER_INVOCATION = ("resume", "overwrite", "stop_after", "out")
+PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "auto_resume", "from_previous")
 _FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
 
 
@@ -52,10 +60,21 @@ def resume_settings(
     run_dir = Path(args.resume)
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
-    path = run_dir / "checkpoint.pt"
+    path = run_dir / (ckpt.PREVIOUS if getattr(args, "from_previous", False) else "checkpoint.pt")
     if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: {path} not found, so there is nothing to resume from")
-    state = ckpt.load(path)
+        raise ConfigError(
+            f"--resume {run_dir}: {path} not found, so there is nothing to resume from; start the run afresh "
+            f"with its command and --out {run_dir} --overwrite (or --auto-resume, which starts or resumes it)"
+        )
+    try:
+        state = ckpt.load(path)
+    except ckpt.CheckpointError as err:
+        if err.damaged and path.name == "checkpoint.pt" and (run_dir / ckpt.PREVIOUS).is_file():
+            raise ckpt.CheckpointError(
+                f"{err}; resume from the checkpoint before it with: --resume {run_dir} --from-previous",
+                damaged=True,
+            ) from None
+        raise
     old = state["config"]
     allowed = ", ".join(_flag(d) for d in (*RESUME_MAY_CHANGE, "stop_after"))
     for dest in sorted(explicit - set(RESUME_MAY_CHANGE) - set(PER_INVOCATION)):
@@ -100,12 +119,66 @@ def prepare_out_dir(args: argparse.Namespace) -> Path:
     out_dir = Path(args.out) if args.out else default_out_dir(args.dataset)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+    if out_dir.is_dir() and any(p.name != LOCK_FILE for p in out_dir.iterdir()) and not args.overwrite:
+        if (out_dir / "checkpoint.pt").is_file():
+            raise ConfigError(
+                f"--out {out_dir} is not empty: pass --resume {out_dir} to continue its run, or --overwrite "
+                "to replace it (--auto-resume resumes a run where there is one and starts one where not)"
+            )
         raise ConfigError(
-            f"--out {out_dir} is not empty: pass --resume {out_dir} to continue its run, or --overwrite "
-            "to replace it"
+            f"--out {out_dir} is not empty but holds no checkpoint (a run stopped before its first one, or "
+            "other files): pass --overwrite, or --auto-resume, to start the run afresh there"
         )
     return out_dir
+
+
+def auto_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, set[str]]:
+    """--auto-resume: resume the run in --out when it has a checkpoint, else start it afresh there
+    (replacing what a run killed before its first checkpoint left). Returns the args and explicit set."""
+    if args.out is None:
+        raise ConfigError("--auto-resume needs --out RUN_DIR: the run directory to start or resume")
+    if (Path(args.out) / "checkpoint.pt").is_file():
+        return argparse.Namespace(**{**vars(args), "resume": args.out, "out": None}), explicit - {"out"}
+    return argparse.Namespace(**{**vars(args), "overwrite": True}), explicit
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's exclusive lock (creating the directory) for the `with` block; the lock dies
+    with its process. ConfigError naming the holder's PID when another has it. A read-only directory gets
+    no lock (no process can write it). A directory this made that holds nothing else afterwards (the run
+    failed before writing) is removed again."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES) and run_dir.is_dir():
+            yield
+            return
+        raise
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ConfigError(
+                f"{run_dir} is in use by another fastvae process (PID {holder}); wait for it to end or stop it, "
+                "then run this again"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                (run_dir / LOCK_FILE).unlink()
+                run_dir.rmdir()
+    finally:
+        lock.close()
 
 
 def clear_run_files(out_dir: Path) -> None:
@@ -145,14 +218,30 @@ def write_json(path: Path, obj: Any) -> None:
     ckpt.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def restore_metrics(path: Path, rows: int) -> list[dict[str, Any]]:
-    """Cut metrics.jsonl back to the `rows` lines the checkpoint knows of; returns them."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if len(lines) < rows:
-        raise ConfigError(f"{path} has {len(lines)} rows, fewer than the {rows} the checkpoint was written after")
+def restore_metrics(path: Path, rows: int, saved: list[str] | None) -> tuple[list[dict[str, Any]], bool]:
+    """Cut metrics.jsonl back to the `rows` lines the checkpoint knows of, rewriting it only when something
+    follows them; a missing or damaged file is rewritten from `saved` (the checkpoint's copy of those
+    lines; None in older checkpoints). Returns (the rows, whether the file was repaired)."""
+    data = path.read_bytes() if path.is_file() else b""
+    lines = data.split(b"\n")
     try:
-        history = [json.loads(line) for line in lines[:rows]]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is corrupt: {err}") from None
-    ckpt.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines[:rows]).encode()))
-    return history
+        if len(lines) <= rows or (rows and lines[rows - 1] == b""):
+            raise ValueError(f"has {len(lines) - 1} rows, fewer than the {rows} the checkpoint was written after")
+        history = []
+        for number, line in enumerate(lines[:rows], 1):
+            try:
+                history.append(json.loads(line.decode()))
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError
+                raise ValueError(f"line {number} is not a JSON row") from None
+    except ValueError as err:
+        if saved is not None and len(saved) == rows:
+            ckpt.atomic_write(path, lambda f: f.write("".join(line + "\n" for line in saved).encode()))
+            return [json.loads(line) for line in saved], True
+        raise ConfigError(
+            f"{path} {err}, and the checkpoint holds no copy of its rows; restore the file from a backup, "
+            "or start the run afresh with --overwrite"
+        ) from None
+    kept = b"".join(line + b"\n" for line in lines[:rows])
+    if data != kept:
+        ckpt.atomic_write(path, lambda f: f.write(kept))
+    return history, False

@@ -51,8 +51,10 @@ from fastvae.options import (
 )
 from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
+    auto_resume,
     clear_run_files,
     data_fingerprint,
+    lock_run_dir,
     prepare_out_dir,
     restore_metrics,
     resume_settings,
@@ -202,6 +204,10 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     `explicit`: the settings given on the command line (`explicit_options(argv)`).
     Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
     """
+    if args.auto_resume:
+        args, explicit = auto_resume(args, explicit)
+    if args.from_previous and args.resume is None:
+        raise ConfigError("--from-previous applies to --resume RUN_DIR only")
     check_options(args, explicit)
     if args.tensorboard is not None:
         check_available()  # before any work
@@ -209,12 +215,28 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
         ctx = DistributedContext.from_env()  # torchrun's RANK, WORLD_SIZE and LOCAL_RANK (docs/distributed.md)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    with contextlib.ExitStack() as held:
+        return _locked_train(args, console, explicit, ctx, held)
+
+
+def _locked_train(
+    args: argparse.Namespace, console: Console, explicit: set[str], ctx: DistributedContext, held: contextlib.ExitStack
+) -> Path:
+    """`train` from the run directory's lock on: rank 0 takes it (held until `held` closes) before any
+    file is written, and removes the temp files that dead writers left."""
     state = old_config = None
     if args.resume is not None:
+        if ctx.is_main:
+            if Path(args.resume).is_dir():  # else resume_settings says there is no such run directory
+                held.enter_context(lock_run_dir(Path(args.resume)))
         args, state, old_config = resume_settings(args, explicit)  # every rank loads the checkpoint
         out_dir = Path(args.out)
     else:
         out_dir = prepare_out_dir(args) if ctx.is_main else None  # rank 0 prepares the run directory
+        if ctx.is_main:
+            held.enter_context(lock_run_dir(out_dir))
+    if ctx.is_main:
+        ckpt.remove_stale_temps(out_dir)
     try:
         device = ctx.device(resolve_device(args.device))  # cuda:LOCAL_RANK under torchrun
     except ValueError as err:
@@ -284,7 +306,20 @@ def _train(
             )
         trainer.checkpoint_step = state["step"]
         if ctx.is_main:  # rank 0 writes the run directory
-            trainer.history = restore_metrics(out_dir / "metrics.jsonl", state["metrics_rows"])
+            if args.from_previous:  # the damaged latest stays for inspection; the previous one stays as is
+                os.replace(trainer.checkpoint_path, out_dir / "checkpoint.damaged.pt")
+                console.print(
+                    f"Resuming from the previous checkpoint {out_dir / ckpt.PREVIOUS} (step {state['step']}); "
+                    f"the latest is kept as {out_dir / 'checkpoint.damaged.pt'}.",
+                    soft_wrap=True, markup=False,
+                )
+            metrics_path = out_dir / "metrics.jsonl"
+            trainer.history, repaired = restore_metrics(metrics_path, state["metrics_rows"], state.get("metrics_lines"))
+            if repaired:
+                console.print(
+                    f"{metrics_path} was damaged or missing: repaired from the checkpoint's copy of its rows.",
+                    soft_wrap=True, markup=False,
+                )
         trainer.last = {row["kind"]: row for row in trainer.history}
     completed = state is not None and start_epoch >= config["epochs"]  # resumed with every epoch done
     if ctx.is_main:
