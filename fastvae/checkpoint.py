@@ -16,6 +16,7 @@ strings, numbers, booleans, None), so it loads with `torch.load(weights_only=Tru
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import re
@@ -79,10 +80,46 @@ def atomic_write(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+class _WriteErrors(io.RawIOBase):
+    """A binary file that keeps the first OSError of its writes: torch.save's zip writer turns one into
+    `RuntimeError: ... unexpected pos`, which says nothing of a full disk."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(state: dict[str, Any], f: Any) -> None:
+    """torch.save into `f`; a failed write raises its own OSError (with `f`'s path), not torch's."""
+    sink = _WriteErrors(f)
+    try:
+        torch.save(state, sink)
+    except (RuntimeError, OSError) as err:
+        if sink.error is None:
+            raise
+        found = sink.error
+        raise OSError(found.errno, found.strerror or os.strerror(found.errno or 0), f.name) from err
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically; `payload` gets the format marker and version."""
+    """Write a checkpoint atomically; `payload` gets the format marker and version. A failed write
+    (full disk, read-only file system) raises OSError naming the temp file."""
     state = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
 
 
 def load(path: Path) -> dict[str, Any]:

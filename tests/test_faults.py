@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 from run_helpers import TINY
@@ -92,11 +93,9 @@ def test_a_second_sigterm_after_the_rename_names_the_new_checkpoint(tmp_path, ca
             time.sleep(0.05)
 
     real_fsync_dir = checkpoint._fsync_dir
-    count = [0]
 
     def fsync_dir(directory):  # after os.replace: the new checkpoint is in place
-        count[0] += 1
-        if count[0] == 2:
+        if (directory / "checkpoint.pt").exists() and checkpoint.load(directory / "checkpoint.pt")["step"] == 11:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
         real_fsync_dir(directory)
@@ -110,12 +109,31 @@ def test_a_second_sigterm_after_the_rename_names_the_new_checkpoint(tmp_path, ca
     assert f"The last good checkpoint is {out / 'checkpoint.pt'} (step 11)." in err
 
 
+def _failing_writes(monkeypatch, code: int, nth_file: int, calls: int) -> None:
+    """The `nth_file`-th checkpoint temp file that fastvae.checkpoint opens fails its `calls`-th write."""
+    count = [0]
+
+    class FailingFile(io.FileIO):
+        left = calls
+
+        def write(self, data):
+            FailingFile.left -= 1
+            if FailingFile.left == 0:
+                raise OSError(code, os.strerror(code))
+            return super().write(data)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        count[0] += Path(path).name.startswith(".checkpoint.pt")
+        if count[0] == nth_file and Path(path).name.startswith(".checkpoint.pt"):
+            return FailingFile(path, mode.replace("b", ""))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_failed_checkpoint_write_is_one_line_with_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, code):
-    def fail():
-        raise OSError(code, os.strerror(code))
-
-    _patch_save(monkeypatch, fail, calls=4, nth_save=2)  # the epoch-2 checkpoint; epoch 1's is good
+    _failing_writes(monkeypatch, code, nth_file=2, calls=4)  # the epoch-2 checkpoint; epoch 1's is good
     out = tmp_path / "run"
     assert train.main([*ARGS, "--out", str(out)]) == 2
     err = _one_error_line(capsys)
