@@ -27,7 +27,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", *PICTURES, "eval.j
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.
 RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "pictures", "device", "data_dir", "download")
 # Settings of one invocation, never taken over from the run being resumed.
-PER_INVOCATION = ("resume", "overwrite", "stop_after", "out")
+PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "dist_timeout")
 _FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
 
 

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from fastvae import checkpoint as ckpt
 from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset
-from fastvae.distributed import DistributedContext, seed_noise
+from fastvae.distributed import DistributedContext, PeerLost, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
 from fastvae.options import (
     ConfigError,
@@ -280,7 +280,7 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     check_cuda_graphs(args, device, ctx.world_size)
     if not ctx.is_main:
         console = Console(quiet=True)  # rank 0 prints
-    with ctx.session(device):
+    with ctx.session(device, args.dist_timeout):
         out_dir = Path(ctx.broadcast_object(str(out_dir)))  # rank 0's (default_out_dir has a time stamp)
         return _train(args, console, ctx, device, out_dir, state, old_config)
 
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _signals_to(_raise_interrupted):  # SIGTERM as SIGINT before training (the loop has its own)
             train(args, Console(), explicit_options(argv))
-    except (DataError, ConfigError, ckpt.CheckpointError, RunIOError) as err:
+    except (DataError, ConfigError, ckpt.CheckpointError, RunIOError, PeerLost) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -231,3 +232,36 @@ def test_a_signal_while_the_data_load_is_one_line(tmp_path, name, code):
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith(f"error: interrupted by {name} before training")
+
+
+HANG_RANK_1 = """
+import os, signal, sys
+from fastvae import engine, train
+real_step = engine.Trainer.train_step
+def step(self, x):
+    real_step(self, x)
+    if self.step == 4 and self.ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, but no longer answering
+engine.Trainer.train_step = step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_named_after_the_dist_timeout(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_RANK_1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    args = [*TINY, "--epochs", "1", "--log-every", "1", "--dist-timeout", "3", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [*launcher, str(script), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 0: rank 1 stopped answering (a collective failed or waited longer than "
+                      "--dist-timeout 3 s)"], proc.stderr  # fmt: skip
+    assert "[rank0]: Traceback" not in proc.stderr, proc.stderr  # (torchrun's own report of the exit follows)
