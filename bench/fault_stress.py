@@ -23,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.ddp_stress import LONG_RUN, TIMEOUT_S, _free_port, _with
+from bench.ddp_stress import LONG_RUN, TIMEOUT_S, _free_port, _with, write_jobs
 
 RUN = [*_with(LONG_RUN, epochs="4"), "--checkpoint-every", "16", "--no-pictures"]  # 256 steps, 64 rows
 TIMING = ("wall_time_s", "samples_per_s")
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             status = "passed" if job.passed else f"FAILED: {job.problem}"
             print(f"[{i + 1}/{args.runs}] {job.kills} workers killed: {status} ({job.seconds:.1f} s)", flush=True)
     print(f"{sum(job.passed for job in jobs)} of {len(jobs)} jobs ended as the uninterrupted one")
-    if args.json:
-        args.json.write_text(json.dumps([asdict(job) for job in jobs], indent=1) + "\n")
-    return 0 if all(job.passed for job in jobs) else 1
+    return write_jobs(jobs, args.json, all(job.passed for job in jobs))
 
 
 if __name__ == "__main__":
