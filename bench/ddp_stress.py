@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fastvae import train
 
@@ -164,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     for case in ("finished", "SIGINT", "SIGTERM"):
         of_case = [job for job in jobs if job.case == case]
         print(f"{case}: {sum(job.clean for job in of_case)} of {len(of_case)} exited cleanly")
-    if args.json:
-        args.json.write_text(json.dumps([asdict(job) for job in jobs], indent=1) + "\n")
-    return 0 if all(job.clean for job in jobs) else 1
+    return write_jobs(jobs, args.json, all(job.clean for job in jobs))
+
+
+def write_jobs(jobs: list[Any], path: Path | None, ok: bool) -> int:
+    """Write the jobs (dataclasses) as JSON to `path` (if given); the exit code: 0 if `ok`, else 1."""
+    if path is not None:
+        path.write_text(json.dumps([asdict(job) for job in jobs], indent=1) + "\n")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

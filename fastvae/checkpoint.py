@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -117,9 +118,45 @@ def atomic_write(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+class _WriteErrors(io.RawIOBase):
+    """A binary file that keeps the first OSError of its writes: torch.save's zip writer turns one into
+    `RuntimeError: ... unexpected pos`, which says nothing of a full disk."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(state: dict[str, Any], f: Any) -> None:
+    """torch.save into `f`; a failed write raises its own OSError (with `f`'s path), not torch's."""
+    sink = _WriteErrors(f)
+    try:
+        torch.save(state, sink)
+    except (RuntimeError, OSError) as err:
+        if sink.error is None:
+            raise
+        found = sink.error
+        raise OSError(found.errno, found.strerror or os.strerror(found.errno or 0), f.name) from err
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint atomically; `payload` gets the format marker, version and SHA-256. The file it
-    replaces becomes PREVIOUS beside it (a hard link renamed into place: `path` exists throughout)."""
+    replaces becomes PREVIOUS beside it (a hard link renamed into place: `path` exists throughout). A
+    failed write (full disk, read-only file system) raises OSError naming the temp file."""
     path = Path(path)
     state = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
     state["sha256"] = payload_digest(state)
@@ -131,7 +168,7 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
         os.replace(tmp, path.with_name(PREVIOUS))
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:

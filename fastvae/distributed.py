@@ -12,9 +12,12 @@ for what is per rank and what is global.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import importlib
 import os
+import re
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistributedContext", "LossForward", "rank_seed", "seed_noise"]
 
+# gloo raises a bare RuntimeError when a peer times out or its connection drops (NCCL: DistError)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|Timed out waiting|Connection (reset|closed)|ProcessGroup", re.IGNORECASE)
+DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks (--dist-timeout)
 _NOISE_STREAM = 0x6E6F697365  # tags the sampling-noise seeds, apart from other uses of (seed, n)
 
 
@@ -108,8 +114,10 @@ class DistributedContext:
         """NCCL for CUDA devices, gloo for the CPU."""
         return "nccl" if device.type == "cuda" else "gloo"
 
-    def init(self, device: torch.device) -> None:
-        """Join the process group (torchrun's env:// rendezvous); nothing for a single process."""
+    def init(self, device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Join the process group (torchrun's env:// rendezvous); nothing for a single process.
+
+        `timeout`: seconds a collective waits for the other ranks before it fails (--dist-timeout)."""
         if not self.is_distributed or dist.is_initialized():
             return
         if device.type == "cuda":
@@ -125,6 +133,7 @@ class DistributedContext:
             rank=self.rank,
             world_size=self.world_size,
             device_id=device if device.type == "cuda" else None,
+            timeout=datetime.timedelta(seconds=timeout),
         )
 
     def cleanup(self, completed: bool = True) -> None:
@@ -145,17 +154,44 @@ class DistributedContext:
         dist.destroy_process_group()
 
     @contextlib.contextmanager
-    def session(self, device: torch.device) -> Iterator[DistributedContext]:
+    def session(self, device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator[DistributedContext]:
         """`init` on entry, `cleanup` on exit. After an error, the frames that the error's traceback
-        keeps alive (and, through them, the DDP module) are cleared first, so the group still ends."""
-        self.init(device)
+        keeps alive (and, through them, the DDP module) are cleared first, so the group still ends.
+        A failed collective (a rank that stopped answering, or died) raises PeerLost."""
+        self.init(device, timeout)
         try:
             yield self
+        except (dist.DistError, RuntimeError) as err:
+            if not isinstance(err, dist.DistError) and not _COLLECTIVE_FAILURE.search(str(err)):
+                _clear_traceback_frames(err)
+                self.cleanup(completed=False)
+                raise
+            lost = self.silent_ranks()
+            _clear_traceback_frames(err)
+            self.cleanup(completed=False)
+            raise PeerLost(self.rank, lost, timeout) from None
         except BaseException as err:
             _clear_traceback_frames(err)
             self.cleanup(completed=False)
             raise
         self.cleanup()
+
+    def silent_ranks(self, grace: float = 2.0) -> list[int]:
+        """After a failed collective: the ranks that do not report the failure too within `grace` seconds
+        (each rank that gets here marks itself in the rendezvous store), i.e. those that stopped answering."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"fastvae/failed/{self.rank}", "1")
+            deadline = time.monotonic() + grace
+            others = [r for r in range(self.world_size) if r != self.rank]
+            while time.monotonic() < deadline:
+                silent = [r for r in others if not store.check([f"fastvae/failed/{r}"])]
+                if not silent:
+                    break
+                time.sleep(0.1)
+            return silent
+        except (RuntimeError, ValueError, dist.DistError):  # the store went with the rank that hosted it
+            return []
 
     # --------------------------------------------------------------------------------- collectives
 
@@ -204,6 +240,21 @@ class DistributedContext:
         if not self.is_distributed:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class PeerLost(Exception):
+    """A collective failed under torchrun: a rank stopped answering within --dist-timeout, or died."""
+
+    def __init__(self, rank: int, silent: list[int], timeout: float) -> None:
+        who = (
+            f"rank {', '.join(map(str, silent))} stopped answering"
+            if silent
+            else "another rank stopped answering or left"
+        )
+        super().__init__(
+            f"rank {rank}: {who} (a collective failed or waited longer than --dist-timeout {timeout:g} s)"
+        )
+        self.silent = silent
 
 
 def _clear_traceback_frames(err: BaseException) -> None:

@@ -39,9 +39,10 @@ class NonFiniteError(Exception):
 class ImmediateExit(BaseException):  # noqa: N818
     """A second SIGINT/SIGTERM: leave at once, without saving (BaseException: nothing catches it on the way)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, saved: bool = False) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.saved = saved  # it came inside a checkpoint write, which was finished first
 
 
 def autocast(device: torch.device, amp: str, cache: bool = True) -> contextlib.AbstractContextManager:
@@ -146,6 +147,8 @@ class Trainer:
         self.running = RunningMeans(self.device, self.ctx)
         self.metrics_rows = 0  # lines written to metrics.jsonl (kept in the checkpoint)
         self.stop_signal: int | None = None
+        self._writing = False  # a checkpoint write is under way: a second signal waits for its end
+        self._deferred_exit: int | None = None
         self.checkpoint_step: int | None = None  # the step of the last checkpoint written or loaded
         self._good: dict[str, Any] | None = None  # the state at the last clean statistics reading
         self.started = time.perf_counter()
@@ -355,12 +358,21 @@ class Trainer:
         state["permutation"] = self.train.permutation(epoch).cpu()
         own = {"rng": state["rng"], "running": {**state["running"], "sums": state["running"]["sums"].cpu()}}
         state["ranks"] = self.ctx.all_gather_object(own)  # every rank's noise and window; rank 0 writes
-        if self.ctx.is_main:
-            state["metrics_lines"] = [json.dumps(row) for row in self.history[: self.metrics_rows]]
-            self.metrics.flush()
-            with contextlib.suppress(AttributeError, OSError, ValueError):  # a StringIO has no file
-                os.fsync(self.metrics.fileno())  # the rows the checkpoint counts are on disk before it
-            ckpt.save(self.checkpoint_path, state)
+        # A second signal inside the write would break torch.save's zip writer (a traceback that masks the
+        # exit) or leave checkpoint_step behind the file on disk: it waits for the write, then leaves.
+        self._writing = True
+        try:
+            if self.ctx.is_main:
+                state["metrics_lines"] = [json.dumps(row) for row in self.history[: self.metrics_rows]]
+                self.metrics.flush()
+                with contextlib.suppress(AttributeError, OSError, ValueError):  # a StringIO has no file
+                    os.fsync(self.metrics.fileno())  # the rows the checkpoint counts are on disk before it
+                ckpt.save(self.checkpoint_path, state)
+                self.checkpoint_step = self.step
+        finally:
+            self._writing = False
+        if self._deferred_exit is not None:
+            raise ImmediateExit(self._deferred_exit, saved=True)
         self.ctx.barrier()  # no rank leaves (and has torchrun stop the others) before the file is written
         self.checkpoint_step = self.step
 
@@ -377,8 +389,12 @@ class Trainer:
         return self.ctx.any_true(torch.tensor(self.stop_signal is not None, device=self.device))
 
     def on_signal(self, signum: int, frame: object) -> None:
-        """SIGINT/SIGTERM: stop after the current step; a second one leaves at once."""
+        """SIGINT/SIGTERM: stop after the current step; a second one leaves at once (after the checkpoint
+        write under way, if any, so that the file on disk is whole and its step known)."""
         if self.stop_signal is not None:
+            if self._writing:
+                self._deferred_exit = signum
+                return
             raise ImmediateExit(signum)
         self.stop_signal = signum
 

@@ -225,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between checkpoints, besides the one at each epoch end (0: epoch ends only)",
     )
     reliable.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others at a collective before the run stops "
+        "with an error naming the process that stopped answering (default 300)",
+    )
+    reliable.add_argument(
         "--stop-after",
         type=_positive_int,
         metavar="STEPS",

@@ -35,7 +35,7 @@ LOCK_FILE = "run.lock"  # held (flock) by the one process that writes the run; i
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.
 RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "pictures", "device", "data_dir", "download")
 # Settings of one invocation, never taken over from the run being resumed.
-PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "auto_resume", "from_previous")
+PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "auto_resume", "from_previous", "dist_timeout")
 _FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
 
 

@@ -10,17 +10,19 @@ config.json, metrics.jsonl, checkpoint.pt and, at the end, the pictures of fastv
 Reliability (docs/training.md): checkpoint.pt is written atomically at each epoch end, every
 `--checkpoint-every` steps, on SIGINT/SIGTERM and at `--stop-after`; `--resume RUN_DIR` continues a
 run exactly (bitwise on the CPU), and on a completed run draws the pictures that are missing. Exit
-codes: 0 done (or stopped by --stop-after), 2 bad options, data or checkpoint, 3 non-finite training,
-130 SIGINT, 143 SIGTERM.
+codes: 0 done (or stopped by --stop-after), 2 bad options, data or checkpoint, or an OS error (full
+disk, unwritable or vanished run directory), 3 non-finite training, 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -36,7 +38,7 @@ from rich.table import Table
 
 from fastvae import checkpoint as ckpt
 from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset
-from fastvae.distributed import DistributedContext, seed_noise
+from fastvae.distributed import DistributedContext, PeerLost, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
 from fastvae.options import (
     ConfigError,
@@ -65,6 +67,66 @@ from fastvae.tensorboard import EventLog, check_available
 
 EXIT_NONFINITE = 3
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class RunIOError(Exception):
+    """An OS error (full disk, read-only or vanished run directory) during the run: the message names the
+    path, the system's reason, the last good checkpoint and the resume command. Exit code 2."""
+
+
+class Interrupted(BaseException):  # noqa: N818
+    """SIGINT or SIGTERM outside the training loop and the pictures (start-up, data loading)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def os_error_text(err: OSError) -> str:
+    """`err` as one line: the path (or paths) it names and the system's reason (strerror)."""
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err) or type(err).__name__)
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{paths}: {reason}" if paths else reason
+
+
+def check_out_writable(out_dir: Path) -> None:
+    """Raise OSError unless files can be made in `out_dir`, or, where it does not exist yet, in its nearest
+    existing ancestor (which must be a directory). Nothing is left behind."""
+    base = out_dir
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(base))
+    probe = base / f".fastvae-write-test-{os.getpid()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    probe.unlink()
+
+
+def checkpoint_bytes(trainer: Trainer) -> int:
+    """About how large checkpoint.pt gets, in bytes: the model, Adam's two moments per parameter, the
+    data order, and 1 MiB for the rest (RNG states, settings, zip headers)."""
+    params = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+    return 3 * params + 8 * len(trainer.train.data) + 2**20
+
+
+def check_free_space(trainer: Trainer, out_dir: Path) -> None:
+    """Raise ConfigError unless `out_dir`'s file system has room for a checkpoint write: the checkpoint,
+    its temp file and the kept previous one (less the checkpoints already there)."""
+    size = checkpoint_bytes(trainer)
+    present = sum(p.stat().st_size for p in out_dir.glob("checkpoint*.pt") if p.is_file())
+    need = 3 * size - present
+    free = shutil.disk_usage(out_dir if out_dir.is_dir() else out_dir.parent).free
+    if free < need:
+        raise ConfigError(
+            f"{out_dir}: {free / 2**20:.1f} MiB free, but writing a checkpoint of about "
+            f"{size / 2**20:.1f} MiB needs {need / 2**20:.1f} MiB (the checkpoint, its temp file and the "
+            "previous one); free some space or choose another --out"
+        )
 
 
 class TrainingDiverged(Exception):
@@ -234,6 +296,7 @@ def _locked_train(
     else:
         out_dir = prepare_out_dir(args) if ctx.is_main else None  # rank 0 prepares the run directory
         if ctx.is_main:
+            check_out_writable(out_dir)  # before the data load (a resumed run may be read-only: nothing to do)
             held.enter_context(lock_run_dir(out_dir))
     if ctx.is_main:
         ckpt.remove_stale_temps(out_dir)
@@ -245,7 +308,7 @@ def _locked_train(
     check_cuda_graphs(args, device, ctx.world_size)
     if not ctx.is_main:
         console = Console(quiet=True)  # rank 0 prints
-    with ctx.session(device):
+    with ctx.session(device, args.dist_timeout):
         out_dir = Path(ctx.broadcast_object(str(out_dir)))  # rank 0's (default_out_dir has a time stamp)
         return _train(args, console, ctx, device, out_dir, state, old_config)
 
@@ -322,6 +385,8 @@ def _train(
                 )
         trainer.last = {row["kind"]: row for row in trainer.history}
     completed = state is not None and start_epoch >= config["epochs"]  # resumed with every epoch done
+    if ctx.is_main and not completed:
+        check_free_space(trainer, out_dir)
     if ctx.is_main:
         if state is None:
             clear_run_files(out_dir)  # --overwrite: only now that the data and the settings have passed
@@ -382,6 +447,9 @@ def _train_epochs(
     except ImmediateExit as err:
         err.args = (f"{trainer.checkpoint_text()} Resume with: {resume_command}",)
         raise
+    except OSError as err:
+        resume = f" Resume with: {resume_command}" if trainer.checkpoint_step is not None else ""
+        raise RunIOError(f"{os_error_text(err)}. {trainer.checkpoint_text()}{resume}") from None
 
 
 def finish_run(
@@ -437,9 +505,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        train(args, Console(), explicit_options(argv))
-    except (DataError, ConfigError, ckpt.CheckpointError) as err:
+        with _signals_to(_raise_interrupted):  # SIGTERM as SIGINT before training (the loop has its own)
+            train(args, Console(), explicit_options(argv))
+    except (DataError, ConfigError, ckpt.CheckpointError, RunIOError, PeerLost) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {os_error_text(err)}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
@@ -451,11 +523,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SIGNAL_EXIT[err.signum]
     except ImmediateExit as err:
         name = signal.Signals(err.signum).name
-        print(f"error: stopped at once by a second {name}, without saving. {err.args[0]}", file=sys.stderr)
+        how = "once the checkpoint write under way had ended" if err.saved else "without saving"
+        print(f"error: stopped at once by a second {name}, {how}. {err.args[0]}", file=sys.stderr)
         return SIGNAL_EXIT[err.signum]
-    except KeyboardInterrupt:
-        print("error: interrupted outside the training loop; nothing more was saved", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(
+            f"error: interrupted by {signal.Signals(signum).name} before training started or after its last "
+            "checkpoint; nothing more was saved",
+            file=sys.stderr,
+        )
+        return SIGNAL_EXIT[signum]
     return 0
 
 
