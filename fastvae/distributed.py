@@ -128,13 +128,28 @@ class DistributedContext:
         # of the process, so that destroy_process_group could not end its threads (docs/distributed.md).
         importlib.import_module("torch.distributed.nn")
 
+        wait = datetime.timedelta(seconds=timeout)
         dist.init_process_group(
             backend=self.backend(device),
+            store=self.rendezvous_store(wait),
             rank=self.rank,
             world_size=self.world_size,
             device_id=device if device.type == "cuda" else None,
-            timeout=datetime.timedelta(seconds=timeout),
+            timeout=wait,
         )
+
+    def rendezvous_store(self, timeout: datetime.timedelta) -> dist.Store:
+        """torchrun's env:// store, its keys under this restart's own prefix.
+
+        torchrun's static rendezvous (no --rdzv-backend) keeps one agent store for the whole job, and torch's
+        env:// store for its workers does not prefix their keys by restart (torch/distributed/rendezvous.py,
+        `_create_c10d_store`, in the torch of constraints.txt). So after `--max-restarts` restarts the
+        workers, a new one can read the address that a dead worker of the previous attempt published and
+        fail with gloo's "connectFullMesh failed ... Connection refused" (seen in 1 of 4 killed-worker
+        jobs of bench.fault_stress). TORCHELASTIC_RESTART_COUNT keeps the attempts' keys apart."""
+        store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"fastvae/attempt-{attempt}", store)
 
     def cleanup(self, completed: bool = True) -> None:
         """Leave the process group, if this process joined one, and end its threads.

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import train
+from fastvae import pictures, train
 from fastvae.data import CIFAR10_FOLDER, DataError, load_dataset
+from fastvae.images import DPI, MIN_SIDE
 
 PER_BATCH, TEST = 4, 6  # images per training batch file (5 files) and in test_batch
 
@@ -119,8 +120,16 @@ def test_download_goes_through_torchvision_into_its_layout(tmp_path, monkeypatch
     assert len(calls) == 1
 
 
-def test_a_conv_run_with_a_learned_scale(tmp_path, capsys):
+def test_a_conv_run_with_a_learned_scale(tmp_path, capsys, monkeypatch):
     """--dataset cifar10 --arch conv --sigma learned trains (D = 3072) and draws colour pictures."""
+    drawn = {}
+    real_save_grid = pictures.save_grid
+
+    def recording_save_grid(images, path, nrow=8, **labels):
+        drawn[Path(path).name] = (tuple(images.shape), nrow)
+        real_save_grid(images, path, nrow, **labels)
+
+    monkeypatch.setattr(pictures, "save_grid", recording_save_grid)
     write_cifar10(tmp_path / "data" / CIFAR10_FOLDER)
     out = tmp_path / "run"
     args = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--arch", "conv", "--sigma", "learned"]
@@ -130,8 +139,9 @@ def test_a_conv_run_with_a_learned_scale(tmp_path, capsys):
     assert config["data_shape"] == [3, 32, 32] and config["num_train"] == 5 * PER_BATCH
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(rows[-1]["test_elbo"])
-    with Image.open(out / "samples.png") as samples:
-        assert samples.mode == "RGB" and samples.size == (8 * 34 + 2, 8 * 34 + 2)
-    with Image.open(out / "interpolations.png") as walks:  # the 6 test images make 3 pairs
-        assert walks.mode == "RGB" and walks.size == (10 * 34 + 2, 3 * 34 + 2)
+    assert drawn["samples.png"] == ((64, 3, 32, 32), 8)  # colour images, 8 per row
+    assert drawn["interpolations.png"] == ((3 * 10, 3, 32, 32), 10)  # the 6 test images make 3 pairs
+    for name in ("samples.png", "interpolations.png"):
+        with Image.open(out / name) as picture:  # enlarged (nearest) to at least images.MIN_SIDE inches
+            assert picture.mode in ("RGB", "RGBA") and max(picture.size) >= MIN_SIDE * DPI
     assert not (out / "manifold.png").exists()  # latent dim 4

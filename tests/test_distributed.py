@@ -13,6 +13,7 @@ The resume test stops such a run mid-way and resumes it under torchrun: it must 
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from fastvae import checkpoint as ckpt
 from fastvae import engine, functional, options, rundir
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.distributed import DistributedContext, LossForward, rank_seed, seed_noise
@@ -64,6 +67,28 @@ def test_devices_and_backends():
         two.device(torch.device("cuda:0"))
     assert DistributedContext.backend(torch.device("cuda:1")) == "nccl"
     assert DistributedContext.backend(CPU) == "gloo"
+
+
+def test_each_restart_of_a_torchrun_job_has_its_own_store_keys(monkeypatch):
+    """torchrun's agent store outlives a restart: a restarted worker must not read the addresses that the
+    previous attempt's (dead) workers published there, so the group's keys carry the attempt."""
+    agent = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # every worker is a client of the agent's store
+    ctx = DistributedContext(rank=1, world_size=2, local_rank=1)
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        ctx.rendezvous_store(datetime.timedelta(seconds=10)).set("rank_1", f"address of attempt {attempt}")
+    assert agent.get("fastvae/attempt-0/rank_1") == b"address of attempt 0"
+    assert agent.get("fastvae/attempt-1/rank_1") == b"address of attempt 1"
+    assert not agent.check(["rank_1"])
+    joined = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    ctx.init(CPU, timeout=10)
+    joined["store"].set("probe", "1")  # the group is built on this attempt's store
+    assert agent.check(["fastvae/attempt-1/probe"]) and (joined["rank"], joined["world_size"]) == (1, 2)
 
 
 def test_single_process_collectives_are_no_ops():
@@ -292,8 +317,9 @@ def test_torchrun_two_processes_match_the_global_batch(tmp_path):
     config, state, rows = _result(out)
     assert config["world_size"] == 2 and config["batch_size"] == 32
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "checkpoint.pt", *(name for name in rundir.PICTURES if name != "manifold.png")]
-    )  # latent dim 4: no manifold.png
+        ["config.json", "metrics.jsonl", "checkpoint.pt", ckpt.PREVIOUS, rundir.LOCK_FILE]
+        + [name for name in rundir.PICTURES if name != "manifold.png"]
+    )  # latent dim 4: no manifold.png; one process (rank 0) wrote the run, so one lock and no temporary files
     expected_state, expected_rows = _emulate(config, world_size=2)
     # Rank 0's metrics alone, or noise shared by the ranks, would be off by far more than this.
     _assert_same(state, rows, expected_state, expected_rows, rtol=1e-5, atol=1e-6)
