@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def _wait_rows(proc: subprocess.Popen, out: Path, rows: int) -> bool:
     return False
 
 
+def _first_error(output: str) -> str:
+    """The first `error:` line or exception line (`SomethingError: ...`) of a job's output, else its end."""
+    found = re.search(r"^(error: .*|[\w.]*(Error|Exception): .*)$", output, re.MULTILINE)
+    return found.group(0)[:300] if found else repr(output[-300:])
+
+
 def run_job(work: Path, reference: list[dict[str, Any]] | None, kills: int, rng: random.Random) -> Job:
     """One job in the empty directory `work`, with `kills` SIGKILLs of a random worker at random rows."""
     out, start = work / "run", time.perf_counter()
@@ -97,7 +104,7 @@ def run_job(work: Path, reference: list[dict[str, Any]] | None, kills: int, rng:
         output = proc.communicate()[0]
     problems = []
     if proc.returncode != 0:
-        problems.append(f"torchrun exited {proc.returncode}: {output[-300:]!r}")
+        problems.append(f"torchrun exited {proc.returncode}: {_first_error(output)}")
     if reference is not None and _rows(out) != reference:
         problems.append(f"metrics rows differ from the uninterrupted job's ({len(_rows(out))} vs {len(reference)})")
     return Job(done, not problems, proc.returncode, time.perf_counter() - start, "; ".join(problems))

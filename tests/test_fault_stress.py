@@ -3,7 +3,10 @@ worker with the metrics rows of an uninterrupted job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -19,20 +22,30 @@ def test_rows_leave_out_the_timing_columns(tmp_path):
     assert fault_stress._rows(tmp_path) == [{"kind": "train", "step": 4, "loss": 1.5}]
 
 
+def test_a_failed_job_is_reported_by_its_first_error():
+    output = "W1203 closing signal SIGTERM\nTraceback (most recent call last):\n  File x\n"
+    output += "RuntimeError: Gloo connectFullMesh failed\nerror: later\n"
+    assert fault_stress._first_error(output) == "RuntimeError: Gloo connectFullMesh failed"
+    assert fault_stress._first_error("exitcode: -9\n") == repr("exitcode: -9\n")
+
+
 @pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="Linux's /proc")
 def test_workers_lists_the_children_of_a_process():
-    parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', 'input()'])"],
-        stdin=subprocess.PIPE,
-    )
+    child = "import time; time.sleep(60)"
+    starter = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", starter])
+    workers = []
     try:
         for _ in range(200):
-            if fault_stress._workers(parent.pid):
+            workers = fault_stress._workers(parent.pid)
+            if workers:
                 break
             __import__("time").sleep(0.05)
-        assert len(fault_stress._workers(parent.pid)) == 1
+        assert len(workers) == 1
     finally:
-        parent.kill()
+        for pid in [parent.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         parent.wait()
 
 
