@@ -6,7 +6,7 @@ strings, numbers, booleans, None), so it loads with `torch.load(weights_only=Tru
     format: "fastvae-checkpoint"          version: FORMAT_VERSION
     model, optimizer: the state dicts     step: optimizer steps done
     epoch, position: the epoch in progress and its batches done (position 0: the epoch has not started)
-    permutation: that epoch's sample order    rng: {"torch": CPU state, "cuda": [per-device states]}
+    permutation: that epoch's sample order    rng: {"torch": CPU state, "cuda": the training GPU's or None}
     running: {"sums", "count"}: the statistics window not yet logged (rng and running: rank 0's)
     ranks: [{"rng", "running"} per process, in rank order]: one entry without torchrun
     metrics_rows: lines of metrics.jsonl that belong to the run up to `step`

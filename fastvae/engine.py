@@ -109,6 +109,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The state (uint8) of the training device's CUDA generator, the only one a run draws from; None for
+    another kind of device."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
+    """Put a checkpoint's CUDA RNG state (`cuda_rng_state`) back into `device`'s generator; nothing when
+    `device` is not a GPU or the run was saved off one (None, or [] in older checkpoints).
+
+    Older checkpoints hold a list of every visible GPU's state: the entry at the device's index is taken, or
+    the first when there are fewer (the run saw fewer GPUs, so its device had a lower number)."""
+    if device.type != "cuda" or saved is None or (isinstance(saved, list) and not saved):
+        return
+    if isinstance(saved, list):
+        index = torch.cuda.current_device() if device.index is None else device.index
+        saved = saved[index] if index < len(saved) else saved[0]
+    torch.cuda.set_rng_state(saved, device)
+
+
 # ---------------------------------------------------------------------------------------- the loop
 
 
@@ -288,10 +308,7 @@ class Trainer:
                 "step": self.step,
                 "epoch": epoch,
                 "position": position,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                },
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(self.device)},
                 "running": {"sums": self.running.sums, "count": self.running.count},
                 "metrics_rows": self.metrics_rows,
                 "train_seconds": self.train_seconds,
@@ -318,8 +335,7 @@ class Trainer:
             own = {"running": {"sums": sum(sums) / len(sums), "count": state["running"]["count"]}}
         else:
             torch.set_rng_state(own["rng"]["torch"])
-            if self.device.type == "cuda" and own["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(own["rng"]["cuda"])
+            restore_cuda_rng(own["rng"]["cuda"], self.device)
         self.running.sums.copy_(own["running"]["sums"])
         self.running.count = own["running"]["count"]
         self.metrics_rows = state["metrics_rows"]

@@ -365,7 +365,8 @@ def _train(
         if not torch.equal(state["permutation"], train_batches.permutation(start_epoch).cpu()):
             raise ConfigError(
                 f"{trainer.checkpoint_path}: the data order of epoch {start_epoch} differs from the "
-                "checkpoint's (another torch version?), so the run cannot continue exactly"
+                "checkpoint's (another torch version, or a GPU run of a fastvae that drew the order on the GPU?), "
+                "so the run cannot continue exactly"
             )
         trainer.checkpoint_step = state["step"]
         if ctx.is_main:  # rank 0 writes the run directory

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 
 from fastvae import checkpoint
+from fastvae.data import DeviceBatches, load_dataset
+from fastvae.engine import EVAL_BATCH, Trainer
+from fastvae.options import build_model, build_parser, make_config
 
 # 256 training sprites of 8x8 pixels in batches of 32: 8 steps per epoch; statistics every 3 steps (so not
 # on epoch ends).
@@ -35,3 +39,16 @@ def assert_same_state(a: Path, b: Path) -> None:
         for key, value in moments.items():
             assert torch.equal(value, second["optimizer"]["state"][index][key]), (index, key)
     assert torch.equal(first["rng"]["torch"], second["rng"]["torch"])
+
+
+def build_trainer(argv: list[str]) -> Trainer:
+    """The engine as `python -m fastvae.train ARGV` builds it (TINY data), writing statistics nowhere."""
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or "cuda")
+    splits = load_dataset("sprites", num_train=256, num_test=64, image_size=8)
+    config = make_config(args, device, splits)
+    torch.manual_seed(config["seed"])
+    model = build_model(config).to(device)
+    train_batches = DeviceBatches(splits.train, config["batch_size"], device=device, seed=config["seed"])
+    test_batches = DeviceBatches(splits.test, EVAL_BATCH, device=device, seed=0, drop_last=False)
+    return Trainer(config, model, train_batches, test_batches, io.StringIO(), device)

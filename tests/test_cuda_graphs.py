@@ -7,20 +7,17 @@ exactly, that a non-finite step is caught and diagnosed, and that KL warm-up rea
 
 from __future__ import annotations
 
-import io
-
 import graph_standin
 import pytest
 import torch
-from run_helpers import TINY, assert_same_state, metrics_rows
+from run_helpers import TINY, assert_same_state, build_trainer, metrics_rows
 
 import fastvae
 from fastvae import functional, graphs, train
-from fastvae.data import DeviceBatches, load_dataset
-from fastvae.engine import EVAL_BATCH, Trainer
+from fastvae.engine import Trainer
 from fastvae.graphs import noise_base
 from fastvae.ops import SampleLatent
-from fastvae.options import ConfigError, build_model, build_parser, check_cuda_graphs, make_config
+from fastvae.options import ConfigError, build_parser, check_cuda_graphs
 
 # ----------------------------------------------------------------------------------------- refusals
 
@@ -151,7 +148,7 @@ def test_adam_state_exists_before_the_capture(standin, tmp_path):
 
     graphs.capture = capture
     try:
-        trainer = _trainer([*CPU_RUN, "--cuda-graphs"])
+        trainer = build_trainer([*CPU_RUN, "--cuda-graphs"])
         _steps(trainer, graphed=True, epochs=1)
         trainer.restore(trainer.capture(0, 5))  # a resume: the next step captures again, at step 8
         _steps(trainer, graphed=True, epochs=1)
@@ -202,8 +199,8 @@ def test_init_adam_state_is_what_a_first_step_makes(settings, kernel_device):
 def test_replayed_steps_are_the_eager_steps_with_the_same_seeds(standin, flags):
     """Every step a replay of the one captured step (the warm-up undone), seed base + step, beta refilled
     while it warms up: the run equals an eager run that draws those seeds, bitwise."""
-    graphed = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
-    eager = _trainer([*CPU_RUN, "--cuda-graphs", *flags])
+    graphed = build_trainer([*CPU_RUN, "--cuda-graphs", *flags])
+    eager = build_trainer([*CPU_RUN, "--cuda-graphs", *flags])
     eager.graphed = None
     want, got = _steps(eager, graphed=False), _steps(graphed, graphed=True)
     assert len(standin.graphs) == 1 and standin.graphs[0].replays == graphed.step == 16
@@ -241,19 +238,6 @@ def test_the_flag_cannot_change_on_resume(standin, tmp_path, capsys):
 GPU_RUN = [*TINY, "--likelihood", "bernoulli", "--epochs", "2", "--fused"]
 
 
-def _trainer(argv: list[str]) -> Trainer:
-    """The engine as `python -m fastvae.train ARGV` builds it (TINY data), writing statistics nowhere."""
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device or "cuda")
-    splits = load_dataset("sprites", num_train=256, num_test=64, image_size=8)
-    config = make_config(args, device, splits)
-    torch.manual_seed(config["seed"])
-    model = build_model(config).to(device)
-    train_batches = DeviceBatches(splits.train, config["batch_size"], device=device, seed=config["seed"])
-    test_batches = DeviceBatches(splits.test, EVAL_BATCH, device=device, seed=0, drop_last=False)
-    return Trainer(config, model, train_batches, test_batches, io.StringIO(), device)
-
-
 def _steps(trainer: Trainer, graphed: bool, epochs: int = 2) -> list[float]:
     """Train `epochs`; an eager trainer draws the graphed run's seeds (base + step, as GraphedSteps does).
     Returns each reading's mean loss."""
@@ -288,7 +272,7 @@ def test_a_graphed_run_is_the_eager_run_that_draws_its_seeds(flags):
     """Same seeds, same batches, same kernels: the replays give the eager steps' statistics and parameters,
     to float tolerance (cuBLAS may choose other algorithms in a capture). KL warm-up changes beta across
     replays, or the runs would part."""
-    eager, graphed = _trainer([*GPU_RUN, "--cuda-graphs", *flags]), _trainer([*GPU_RUN, "--cuda-graphs", *flags])
+    eager, graphed = (build_trainer([*GPU_RUN, "--cuda-graphs", *flags]) for _ in range(2))
     eager.graphed = None  # the same optimizer settings, stepped eagerly
     want, got = _steps(eager, graphed=False), _steps(graphed, graphed=True)
     assert graphed.graphed is not None and graphed.graphed.graph is not None  # it did replay

@@ -491,3 +491,29 @@ def test_device_batches_on_cuda(indexed):
     out_a, out_b = list(a.epoch(0)), list(b.epoch(0))
     assert all(x.device.type == "cuda" and torch.equal(x, y) for x, y in zip(out_a, out_b, strict=True))
     assert len({i for x in out_a for i in _ids(x)}) == 100
+    on_cpu = DeviceBatches(indexed, 10, device=torch.device("cpu"), seed=1)
+    assert torch.equal(a.permutation(0).cpu(), on_cpu.permutation(0))  # one data order on every device
+    assert [_ids(x) for x in out_a] == [_ids(x) for x in on_cpu.epoch(0)]
+
+
+def test_the_data_order_is_drawn_on_the_cpu_for_any_device(indexed, monkeypatch):
+    """CUDA's randperm is not the CPU's, so the order is a CPU generator's draw moved to the data's device:
+    one order per seed on every device, and a run resumes on another kind. The meta device stands in for a
+    GPU here (it holds no values: the draws are watched to see which generator made them)."""
+    draws = []
+    real_randperm = torch.randperm
+
+    def randperm(*args, **kwargs):
+        perm = real_randperm(*args, **kwargs)
+        draws.append((kwargs["generator"].device, perm))
+        return perm
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    on_cpu = DeviceBatches(indexed, 10, device=torch.device("cpu"), seed=4).permutation(2)
+    elsewhere = DeviceBatches(indexed, 10, device=torch.device("meta"), seed=4)
+    perm = elsewhere.permutation(2)
+    assert perm.device == elsewhere.data.device == torch.device("meta")
+    assert (perm.shape, perm.dtype) == ((N,), torch.int64)
+    generator_device, drawn = draws[-1]
+    assert generator_device == drawn.device == torch.device("cpu")
+    assert torch.equal(drawn, on_cpu)

@@ -149,6 +149,35 @@ def test_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
     assert f"{tmp_path / 'checkpoint.pt'} not found" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_data_order_is_refused(tmp_path, capsys):
+    """An epoch's order that this fastvae does not draw again (another torch's, or the GPU's that fastvae drew
+    before the order was drawn on the CPU) is one error line: the run cannot continue exactly."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, *EPOCHS, "--out", str(out), "--stop-after", "5"]) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    checkpoint.save(out / "checkpoint.pt", {**state, "permutation": state["permutation"].flip(0)})
+    capsys.readouterr()
+    assert train.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {out / 'checkpoint.pt'}: the data order of epoch 0 differs from the checkpoint's")
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 5  # nothing was touched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_run_resumes_on_another_kind_of_device(reference, tmp_path, first, then):
+    """The data order of a seed is the same on every device, so a run stopped on one kind of device goes on
+    on another (its values are not bitwise those of one that never moved: the devices' arithmetic differs)."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, *EPOCHS, "--out", str(out), "--stop-after", "5", "--device", first]) == 0
+    assert train.main(["--resume", str(out), "--device", then]) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["step"] == checkpoint.load(reference / "checkpoint.pt")["step"]
+    assert [row["step"] for row in metrics_rows(out)] == [row["step"] for row in metrics_rows(reference)]
+    assert state["config"]["device"] == then
+
+
 def test_fused_sampler_resumes_exactly(tmp_path):
     """The Triton sampler's seed comes from torch's generator, whose state the checkpoint keeps."""
     args = ["--num-train", "96", "--num-test", "32", "--batch-size", "32", "--hidden", "16", "--latent-dim", "2"]

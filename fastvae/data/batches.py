@@ -26,9 +26,9 @@ class DeviceBatches:
     """Shuffled mini-batches of one split that lives on the device as a single tensor.
 
     `data` is (N, ...) uint8 (kept as uint8 on the device) or float (stored as float32); it is flattened to
-    (N, D) once. Each epoch draws a permutation on the device from a generator seeded by (seed, epoch) and
-    yields float32 batches in [0, 1] of shape (batch_size, D) by slicing through it; with
-    `drop_last=False` the last batch may be smaller.
+    (N, D) once. Each epoch draws a permutation from a CPU generator seeded by (seed, epoch), so it is the same
+    on every device, moves it to the device and yields float32 batches in [0, 1] of shape (batch_size, D) by
+    slicing through it; with `drop_last=False` the last batch may be smaller.
 
     Exact resume: `position` is the number of batches of the current epoch handed out so far (set before
     each batch is yielded); after saving `(current_epoch, position)`, `epoch(current_epoch, start=position)`
@@ -93,12 +93,16 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The (N,) int64 sample order of `epoch`, on the device; a function of (seed, epoch) only."""
+        """The (N,) int64 sample order of `epoch`, on the device; a function of (seed, epoch) only.
+
+        It is drawn on the CPU, by a CPU generator, and moved to the device: CUDA's randperm is not the
+        CPU's, so a draw on the device would give each kind of device its own order (and a run resumed on
+        another kind a different one)."""
         if epoch < 0:
             raise DataError(f"epoch must be non-negative, got {epoch}")
         mixed = int(np.random.SeedSequence((self.seed, epoch)).generate_state(1, np.uint64)[0])
-        generator = torch.Generator(device=self.device).manual_seed(mixed)
-        return torch.randperm(len(self.data), generator=generator, device=self.device)
+        generator = torch.Generator().manual_seed(mixed)
+        return torch.randperm(len(self.data), generator=generator).to(self.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """The batches of `epoch` from batch index `start` on, each float32 (batch, D) in [0, 1].
