@@ -8,7 +8,8 @@ The drop-in ops (see docs/drop-in.md):
 
 `impl="auto"` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere.
 `fastvae.VAE` is a ready-made model on top of them; `python -m fastvae.train` trains one, and
-`model, config = fastvae.load_run(RUN_DIR)` loads the trained model back.
+`model, config = fastvae.load_run(RUN_DIR)` loads the trained model back. `fastvae.fit(model, data, **options)`
+trains your own model with the same engine.
 """
 
 from fastvae.functional import (
@@ -22,15 +23,19 @@ from fastvae.functional import (
 from fastvae.model import VAE, LossOutput, iwae_log_likelihood
 from fastvae.runs import RunError, load_run
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # before fastvae.fit, whose modules record it
+
+from fastvae.fit import FitOptionError, fit  # noqa: E402
 
 __all__ = [
+    "FitOptionError",
     "VAE",
     "LossOutput",
     "RunError",
     "__version__",
     "elbo_loss",
     "elbo_terms",
+    "fit",
     "iwae_bound",
     "iwae_log_likelihood",
     "load_run",
