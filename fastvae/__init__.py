@@ -12,6 +12,7 @@ The drop-in ops (see docs/drop-in.md):
 trains your own model with the same engine.
 """
 
+from fastvae.fit import FitOptionError, fit
 from fastvae.functional import (
     elbo_loss,
     elbo_terms,
@@ -23,9 +24,7 @@ from fastvae.functional import (
 from fastvae.model import VAE, LossOutput, iwae_log_likelihood
 from fastvae.runs import RunError, load_run
 
-__version__ = "0.1.0"  # before fastvae.fit, whose modules record it
-
-from fastvae.fit import FitOptionError, fit  # noqa: E402
+__version__ = "0.1.0"
 
 __all__ = [
     "FitOptionError",

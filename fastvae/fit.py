@@ -86,8 +86,8 @@ def fit(
     model: a `fastvae.VAE` (trained in place), a factory `FACTORY(data_shape, **model_args) -> fastvae.VAE`
     (a callable, or its "MODULE:FACTORY" name) with data_shape the samples' shape, a tuple of ints. A factory
     importable by name is recorded in config.json as MODULE:FACTORY, so that `python -m fastvae.train
-    --resume` and `fastvae.load_run` rebuild it; an instance, or a factory defined in __main__ or a function,
-    is recorded as given in-process, and a resume or `load_run` needs it passed again.
+    --resume` and `fastvae.load_run` rebuild it; an instance, or a factory defined in __main__ or inside a
+    function, is recorded as given in-process, and a resume or `load_run` needs it passed again.
     data: a data set name ("sprites", "mnist", ...), a .npz/.npy/.pt path, or an array or tensor
     (N, D), (N, H, W) or (N, C, H, W): uint8 0..255 or floats, split into train and test as a user's file is
     (`test_fraction`, shuffled by `seed`).

@@ -19,13 +19,13 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from fastvae.model import VAE
 from fastvae.options import ConfigError, build_model
 
 Factory = Callable[..., VAE]
-GivenModel = Union[VAE, Factory]  # noqa: UP007 (a runtime alias)
+GivenModel = VAE | Factory
 
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 SPEC = re.compile(rf"({_DOTTED}):({_DOTTED})")

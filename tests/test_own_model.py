@@ -19,6 +19,7 @@ import torch
 from run_helpers import TIMING, assert_same_state, metrics_rows
 
 import fastvae
+import fastvae.data
 from fastvae import checkpoint, evaluate, train
 from fastvae.data import load_dataset
 from fastvae.options import ConfigError
@@ -126,6 +127,9 @@ def test_fit_with_an_instance_and_an_array_resumes_exactly(tmp_path):
     assert _same_weights(model, whole)
     with pytest.raises(fastvae.RunError, match=r"data_shape \(64,\), but the data's samples have shape \(1, 8, 8\)"):
         fastvae.load_run(whole, model=own_models.flat_vae((64,), width=12))
+    gaussian = own_models.flat_vae(SHAPE, width=12, likelihood="gaussian")
+    with pytest.raises(ConfigError, match=r"model differs from the run's \(likelihood \"gaussian\", was \"bernoulli"):
+        fastvae.fit(gaussian, data, resume=whole)
     with pytest.raises(ConfigError, match=r"the run's data were given in-process to fastvae\.fit"):
         train.train(train.build_parser().parse_args(["--resume", str(whole)]), train.Console(), set())
 
@@ -229,6 +233,8 @@ def test_bad_fit_options_raise_one_clear_exception(tmp_path):
         fastvae.fit(_fresh_model(), data, model_args={"width": 4}, out=tmp_path / "b")
     with pytest.raises(ConfigError, match=r"^the model given to fastvae\.fit has data_shape \(3,\)"):
         fastvae.fit(own_models.flat_vae((3,)), data, out=tmp_path / "c", device="cpu")
+    with pytest.raises(fastvae.data.DataError, match=r"values lie in \[-.*, but the model's likelihood is bernoulli"):
+        fastvae.fit(own_models.flat_vae((4,)), torch.randn(40, 4), out=tmp_path / "d", device="cpu", batch_size=8)
     assert not any(tmp_path.iterdir())
 
 
