@@ -8,9 +8,11 @@ The drop-in ops (see docs/drop-in.md):
 
 `impl="auto"` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere.
 `fastvae.VAE` is a ready-made model on top of them; `python -m fastvae.train` trains one, and
-`model, config = fastvae.load_run(RUN_DIR)` loads the trained model back.
+`model, config = fastvae.load_run(RUN_DIR)` loads the trained model back. `fastvae.fit(model, data, **options)`
+trains your own model with the same engine.
 """
 
+from fastvae.fit import FitOptionError, fit
 from fastvae.functional import (
     elbo_loss,
     elbo_terms,
@@ -25,12 +27,14 @@ from fastvae.runs import RunError, load_run
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitOptionError",
     "VAE",
     "LossOutput",
     "RunError",
     "__version__",
     "elbo_loss",
     "elbo_terms",
+    "fit",
     "iwae_bound",
     "iwae_log_likelihood",
     "load_run",

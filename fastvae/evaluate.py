@@ -70,6 +70,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model, config = load_run(args.run_dir, device)
+    if config.get("data_in_process"):
+        raise ConfigError(
+            f"{args.run_dir}: the run's data were an array given to fastvae.fit, which cannot be loaded by name"
+        )
     num_test = args.num_test if args.num_test is not None else config["num_test"]
     # The test split does not depend on num_train: load a single training sample.
     splits = load_dataset(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -88,6 +89,17 @@ _positive_float = _float_at_least(0.0, strict=True)
 _non_negative_float = _float_at_least(0.0, strict=False)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """'{"width": 64}' -> {"width": 64}: a JSON object (--model-args)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 64}}', got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object (keyword arguments), got {text!r}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit code 2) instead of the whole usage."""
 
@@ -145,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="hidden layer sizes, repeatable or 512,256 [400]",
     )
     model.add_argument("--latent-dim", type=_positive_int, default=20, help="K, the size of z")
+    model.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="your own model: FACTORY(data_shape, **MODEL_ARGS) returns a fastvae.VAE (docs/training.md); "
+        "excludes --arch, --hidden, --latent-dim, --likelihood and --sigma",
+    )
+    model.add_argument(
+        "--model-args", type=_json_object, metavar="JSON", help="keyword arguments of --model's factory, a JSON object"
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training split")
     train.add_argument(

@@ -88,7 +88,7 @@ def resume_settings(
             )
     settings = {dest: old.get(dest) for dest in vars(args)}
     settings.update(
-        hidden=[old["hidden"]],
+        hidden=None if old.get("hidden") is None else [old["hidden"]],  # None: an own model (--model)
         fused=_FUSED_OF_IMPL.get(old.get("impl"), old.get("fused")),  # "auto" resolves again on this device
         **{d: getattr(args, d) for d in PER_INVOCATION},
     )

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import errno
 import io
+import json
 import os
 import shlex
 import shutil
@@ -37,12 +38,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastvae import checkpoint as ckpt
-from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset
+from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset, split_array
 from fastvae.distributed import DistributedContext, PeerLost, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
+from fastvae.model import VAE
 from fastvae.options import (
     ConfigError,
-    build_model,
     build_parser,
     check_cuda_graphs,
     check_options,
@@ -51,6 +52,7 @@ from fastvae.options import (
     resolve_device,
     resolve_impl,
 )
+from fastvae.own_model import GivenModel, check_own_model_options, model_args_of, model_settings, run_model
 from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     auto_resume,
@@ -142,11 +144,14 @@ class PicturesInterrupted(Exception):
 
 
 class RunStopped(Exception):  # noqa: N818 (a normal outcome, not an error)
-    """The run stopped early with a checkpoint (signal or --stop-after); `code` is the exit code."""
+    """The run stopped early with a checkpoint (signal or --stop-after); `code` is the exit code, `run_dir`
+    the run directory and `final` the last metrics rows by kind ("train", "eval"; those written so far)."""
 
-    def __init__(self, code: int) -> None:
+    def __init__(self, code: int, run_dir: Path | None = None, final: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__(code)
         self.code = code
+        self.run_dir = run_dir
+        self.final = final or {}
 
 
 # ------------------------------------------------------------------------------------ presentation
@@ -154,7 +159,13 @@ class RunStopped(Exception):  # noqa: N818 (a normal outcome, not an error)
 
 def _stopped(trainer: Trainer) -> RunStopped:
     """RunStopped with the exit code: 0 at --stop-after, 130 or 143 after SIGINT or SIGTERM."""
-    return RunStopped(0 if trainer.stop_signal is None else SIGNAL_EXIT[trainer.stop_signal])
+    code = 0 if trainer.stop_signal is None else SIGNAL_EXIT[trainer.stop_signal]
+    return RunStopped(code, Path(trainer.config["out"]), final_rows(trainer))
+
+
+def final_rows(trainer: Trainer) -> dict[str, dict[str, Any]]:
+    """The run's last "train" and "eval" metrics rows (as in metrics.jsonl; those it has)."""
+    return {kind: trainer.last[kind] for kind in ("train", "eval") if kind in trainer.last}
 
 
 def _stats_text(row: dict[str, Any] | None) -> str:
@@ -260,17 +271,28 @@ def _signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Path:
-    """Run the training that `args` describe; returns the run directory.
+def train(
+    args: argparse.Namespace,
+    console: Console,
+    explicit: set[str],
+    *,
+    model: GivenModel | None = None,
+    data: torch.Tensor | None = None,
+) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Run the training that `args` describe; returns the run directory and its last metrics rows by kind
+    ("train", "eval").
 
-    `explicit`: the settings given on the command line (`explicit_options(argv)`).
-    Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
+    `explicit`: the settings given on the command line (`explicit_options(argv)`). `model`: a `fastvae.VAE`
+    or a factory given in-process (`fastvae.fit`), instead of --arch or --model. `data`: a tensor
+    (N, *sample_shape) given in-process, split as a user's file is (`fastvae.data.split_array`), instead of
+    --dataset. Raises ConfigError, DataError, CheckpointError (exit code 2), TrainingDiverged (3), RunStopped.
     """
     if args.auto_resume:
         args, explicit = auto_resume(args, explicit)
     if args.from_previous and args.resume is None:
         raise ConfigError("--from-previous applies to --resume RUN_DIR only")
     check_options(args, explicit)
+    check_own_model_options(args, explicit, model)
     if args.tensorboard is not None:
         check_available()  # before any work
     try:
@@ -278,12 +300,17 @@ def train(args: argparse.Namespace, console: Console, explicit: set[str]) -> Pat
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with contextlib.ExitStack() as held:
-        return _locked_train(args, console, explicit, ctx, held)
+        return _locked_train(args, console, explicit, ctx, held, (model, data))
 
 
 def _locked_train(
-    args: argparse.Namespace, console: Console, explicit: set[str], ctx: DistributedContext, held: contextlib.ExitStack
-) -> Path:
+    args: argparse.Namespace,
+    console: Console,
+    explicit: set[str],
+    ctx: DistributedContext,
+    held: contextlib.ExitStack,
+    given: tuple[GivenModel | None, torch.Tensor | None],
+) -> tuple[Path, dict[str, dict[str, Any]]]:
     """`train` from the run directory's lock on: rank 0 takes it (held until `held` closes) before any
     file is written, and removes the temp files that dead writers left."""
     state = old_config = None
@@ -310,7 +337,55 @@ def _locked_train(
         console = Console(quiet=True)  # rank 0 prints
     with ctx.session(device, args.dist_timeout):
         out_dir = Path(ctx.broadcast_object(str(out_dir)))  # rank 0's (default_out_dir has a time stamp)
-        return _train(args, console, ctx, device, out_dir, state, old_config)
+        return _train(args, console, ctx, device, out_dir, state, old_config, given)
+
+
+def _load_data(args: argparse.Namespace, data: torch.Tensor | None, old_config: dict[str, Any] | None) -> DataSplits:
+    """The run's splits: of the tensor `data` given in-process (split as a user's file is), else of --dataset."""
+    if data is None and old_config is not None and old_config.get("data_in_process"):
+        raise ConfigError(
+            f"--resume {args.out}: the run's data were given in-process to fastvae.fit, so they cannot be loaded "
+            "by name: pass them again, fastvae.fit(model, data, resume=RUN_DIR)"
+        )
+    common = {"seed": args.seed, "num_train": args.num_train, "num_test": args.num_test, "layout": args.layout,
+              "likelihood": args.likelihood, "test_fraction": args.test_fraction}  # fmt: skip
+    if data is not None:
+        return split_array(data, **common)
+    return load_dataset(
+        args.dataset, data_dir=args.data_dir, download=args.download, image_size=args.image_size, **common
+    )
+
+
+def _model_for(
+    config: dict[str, Any],
+    splits: DataSplits,
+    given: GivenModel | None,
+    old_config: dict[str, Any] | None,
+) -> VAE:
+    """The run's model (on the CPU, or where a given instance is), its settings recorded in `config`: for a
+    fresh own model what the instance reports; a resumed one must report what the run recorded."""
+    model = run_model(config, splits.sample_shape, given)
+    lo, hi = config["data_range"]
+    if model.likelihood == "bernoulli" and not (lo >= 0.0 and hi <= 1.0):
+        raise DataError(
+            f"the data's values lie in [{lo:g}, {hi:g}], but the model's likelihood is bernoulli, whose values are "
+            "probabilities in [0, 1]; scale the data, or give the model a gaussian likelihood"
+        )
+    if old_config is None:
+        source = "in-process" if given is not None else "factory" if config.get("model") else "built-in"
+        if source == "built-in":
+            config["model_source"] = source
+        else:
+            config.update(model_settings(model, source, config.get("model"), model_args_of(config.get("model_args"))))
+    elif config.get("model_source", "built-in") != "built-in":
+        now = model_settings(model, config["model_source"], config.get("model"), config["model_args"])
+        for key in ("model_class", "arch", "latent_dim", "likelihood", "sigma"):
+            if now[key] != config.get(key):
+                raise ConfigError(
+                    f"--resume {config['out']}: the model differs from the run's ({key} {json.dumps(now[key])}, "
+                    f"was {json.dumps(config.get(key))})"
+                )
+    return model
 
 
 def _train(
@@ -321,20 +396,10 @@ def _train(
     out_dir: Path,
     state: dict[str, Any] | None,
     old_config: dict[str, Any] | None,
-) -> Path:
+    given: tuple[GivenModel | None, torch.Tensor | None],
+) -> tuple[Path, dict[str, dict[str, Any]]]:
     """`train` once the process group (under torchrun) is up: every rank runs this."""
-    splits = load_dataset(
-        args.dataset,
-        data_dir=args.data_dir,
-        download=args.download,
-        seed=args.seed,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        image_size=args.image_size,
-        likelihood=args.likelihood,
-        layout=args.layout,
-        test_fraction=args.test_fraction,
-    )
+    splits = _load_data(args, given[1], old_config)
     for note in splits.notes:
         console.print(note, soft_wrap=True, markup=False)
     if args.batch_size > len(splits.train):
@@ -345,17 +410,19 @@ def _train(
     config = make_config(args, device, splits)
     config["data_sha256"] = data_fingerprint(splits)
     config["world_size"] = ctx.world_size
+    if given[1] is not None:
+        config["data_in_process"] = True
     if old_config is not None:
         config = resumed_config(config, old_config, state["step"], out_dir)
+    config["out"] = str(out_dir)
     torch.manual_seed(args.seed)
-    model = build_model(config).to(device)  # the same on every rank
+    model = _model_for(config, splits, given[0], old_config).to(device)  # the same on every rank
     seed_noise(args.seed, ctx.rank)  # but each rank draws its own sampling noise
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}  # --batch-size is the global batch
     train_batches = DeviceBatches(splits.train, args.batch_size, device=device, seed=args.seed, **shard)
     test_batches = DeviceBatches(
         splits.test, EVAL_BATCH, device=device, seed=args.seed, drop_last=False, **shard
     )
-    config["out"] = str(out_dir)
     trainer = Trainer(config, model, train_batches, test_batches, io.StringIO(), device, ctx=ctx)
     trainer.checkpoint_path = out_dir / "checkpoint.pt"
     start_epoch = start_position = 0
@@ -396,6 +463,8 @@ def _train(
             write_json(out_dir / "config.json", config)
     launcher = "torchrun [the same torchrun options]" if ctx.is_distributed else "python"
     resume_command = f"{launcher} -m fastvae.train --resume {shlex.quote(str(out_dir))}"
+    if config.get("model_source") == "in-process" or config.get("data_in_process"):
+        resume_command = f"fastvae.fit(model, data, resume={str(out_dir)!r})"
     if completed:
         console.print(
             f"The run in {out_dir} has completed its {config['epochs']} epochs (step {trainer.step}): "
@@ -419,7 +488,7 @@ def _train(
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)
     if ctx.is_main:
         finish_run(trainer, splits, out_dir, console, args.pictures, completed, resume_command)
-    return out_dir
+    return out_dir, final_rows(trainer)
 
 
 def _train_epochs(

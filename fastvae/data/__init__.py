@@ -14,12 +14,13 @@ The modules: `splits` (DataSplits, DataError), `sprites`, `idx` (MNIST / Fashion
 from fastvae.data.batches import DeviceBatches, to_float
 from fastvae.data.cifar10 import CIFAR10_BATCHES, CIFAR10_FOLDER
 from fastvae.data.idx import read_idx
-from fastvae.data.load import DATASETS, load_dataset
+from fastvae.data.load import ARRAY, DATASETS, load_dataset, split_array
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import SHAPES, render_sprites
 from fastvae.data.user_files import LAYOUTS
 
 __all__ = [
+    "ARRAY",
     "CIFAR10_BATCHES",
     "CIFAR10_FOLDER",
     "DATASETS",
@@ -31,6 +32,7 @@ __all__ = [
     "load_dataset",
     "read_idx",
     "render_sprites",
+    "split_array",
     "to_float",
 ]
 

@@ -11,7 +11,7 @@ from fastvae.data.cifar10 import _load_cifar10
 from fastvae.data.idx import _TORCHVISION, _load_idx
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import _load_sprites
-from fastvae.data.user_files import _USER_SUFFIXES, _load_user
+from fastvae.data.user_files import _USER_SUFFIXES, _as_tensor, _load_user, _split_checked
 
 DATASETS = ("sprites", "mnist", "fashion-mnist", "cifar10")
 """The named data sets; any other name must be a .npz/.npy/.pt path."""
@@ -71,17 +71,43 @@ def load_dataset(
     elif name == "cifar10":
         splits = _load_cifar10(Path(data_dir), download)
     elif name.lower().endswith(_USER_SUFFIXES):
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"the test fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
         splits = _load_user(Path(name), seed, test_fraction, likelihood, layout)
     else:
         raise DataError(
             f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy/.pt file"
         )
+    return _first(splits, num_train, num_test)
+
+
+def _first(splits: DataSplits, num_train: int | None, num_test: int | None) -> DataSplits:
+    """The first `num_train` and `num_test` samples of the splits (all for None)."""
     return DataSplits(
         _take(splits.train, num_train, "num_train", f"{splits.name} train"),
         _take(splits.test, num_test, "num_test", f"{splits.name} test"),
         splits.name,
         splits.notes,
     )
+
+
+ARRAY = "array"
+"""The name of a data set given as an array (`split_array`, `fastvae.fit`): config.json's "dataset"."""
+
+
+def split_array(
+    x: object,
+    *,
+    seed: int = 0,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    test_fraction: float = 0.1,
+    likelihood: str = "bernoulli",
+    layout: str = "auto",
+) -> DataSplits:
+    """The train and test splits of an array given in memory, exactly as `load_dataset` makes them of a user's
+    file holding it: `x` a numpy array or tensor (N, D), (N, H, W) or (N, C, H, W), with the same value rules,
+    layout, seeded shuffle and test fraction, and the first `num_train`/`num_test` samples kept. The splits
+    are named ARRAY. Raises DataError."""
+    path = Path(ARRAY)
+    splits = _split_checked(_as_tensor(x, path), path, seed, test_fraction, likelihood, layout)
+    return _first(splits, num_train, num_test)
 

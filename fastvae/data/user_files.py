@@ -81,15 +81,20 @@ def _read_user_file(path: Path) -> torch.Tensor:
     if isinstance(obj, dict) and any(k in obj for k in _PREFERRED_KEYS):
         key = next(k for k in _PREFERRED_KEYS if k in obj)
         obj, where = obj[key], f" under the key {key!r}"
+    return _as_tensor(obj, path, where, f"a tensor, or a dict with one of the keys {', '.join(_PREFERRED_KEYS)}")
+
+
+def _as_tensor(obj: object, path: Path, where: str = "", expected: str = "a tensor") -> torch.Tensor:
+    """A numpy array or dense tensor -> a CPU tensor, detached; anything else is a DataError naming `path`
+    (`where` in it, `expected` what was wanted)."""
+    if isinstance(obj, np.ndarray):
+        return _from_numpy(obj, path)
     if not isinstance(obj, torch.Tensor):
         keys = f" with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else ""
-        raise DataError(
-            f"{path} holds a {type(obj).__name__}{keys}{where}; expected a tensor, or a dict with one of the "
-            f"keys {', '.join(_PREFERRED_KEYS)}"
-        )
+        raise DataError(f"{path} holds a {type(obj).__name__}{keys}{where}; expected {expected}")
     if obj.layout != torch.strided:
         raise DataError(f"{path} holds a {obj.layout} tensor{where}; expected a dense tensor (use .to_dense())")
-    return obj.detach()
+    return obj.detach().cpu()
 
 
 LAYOUTS = ("auto", "nchw", "nhwc")
@@ -180,7 +185,16 @@ def _split_user(
 def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str, layout: str) -> DataSplits:
     if not path.is_file():
         raise DataError(f"data file {path} not found")
-    x, notes = _user_layout(_read_user_file(path), path, layout)
+    return _split_checked(_read_user_file(path), path, seed, test_fraction, likelihood, layout)
+
+
+def _split_checked(
+    x: torch.Tensor, path: Path, seed: int, test_fraction: float, likelihood: str, layout: str
+) -> DataSplits:
+    """A user's array `x` (read from `path`, which the messages name), checked and split into train and test."""
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"the test fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
+    x, notes = _user_layout(x, path, layout)
     return _split_user(_user_values(x, path, likelihood), path, seed, test_fraction, notes)
 
 
