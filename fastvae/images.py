@@ -59,7 +59,9 @@ def save_grid(
             side.set_visible(False)
     if title:
         axes.set_title(title)
-    atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    # "tight": the saved area grows to whatever the title and labels cover; a title wider than a narrow grid
+    # (a long file name over a few columns) would otherwise be cut at the figure's edges.
+    atomic_write(path, lambda f: figure.savefig(f, format="png", bbox_inches="tight", pad_inches=0.1))
 
 
 def save_reconstructions(

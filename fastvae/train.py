@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastvae import checkpoint as ckpt
-from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset
+from fastvae.data import TEST_FRACTION, DataError, DataSplits, DeviceBatches, load_dataset
 from fastvae.distributed import DistributedContext, PeerLost, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
 from fastvae.options import (
@@ -55,6 +55,7 @@ from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     auto_resume,
     clear_run_files,
+    data_file_digests,
     data_fingerprint,
     lock_run_dir,
     prepare_out_dir,
@@ -334,6 +335,7 @@ def _train(
         likelihood=args.likelihood,
         layout=args.layout,
         test_fraction=args.test_fraction,
+        test_data=args.test_data,
     )
     for note in splits.notes:
         console.print(note, soft_wrap=True, markup=False)
@@ -344,6 +346,10 @@ def _train(
         )
     config = make_config(args, device, splits)
     config["data_sha256"] = data_fingerprint(splits)
+    if old_config is None:  # a resumed run keeps its own, checked by resume_settings
+        fraction = TEST_FRACTION if args.test_fraction is None else args.test_fraction
+        config["test_fraction"] = None if args.test_data else fraction  # None: a --test-data file
+        config.update(data_file_digests(config))
     config["world_size"] = ctx.world_size
     if old_config is not None:
         config = resumed_config(config, old_config, state["step"], out_dir)
@@ -412,7 +418,7 @@ def _train(
             console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
         metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
         if ctx.is_main and args.tensorboard is not None:  # rank 0 writes, as metrics.jsonl
-            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"))
+            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"), trainer.history)
         with open(metrics_path, "a" if state else "w") as metrics:
             trainer.metrics = metrics
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)

@@ -17,7 +17,7 @@ from fastvae.data.idx import read_idx
 from fastvae.data.load import DATASETS, load_dataset
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import SHAPES, render_sprites
-from fastvae.data.user_files import LAYOUTS
+from fastvae.data.user_files import LAYOUTS, TEST_FRACTION, is_data_file
 
 __all__ = [
     "CIFAR10_BATCHES",
@@ -28,6 +28,8 @@ __all__ = [
     "DeviceBatches",
     "LAYOUTS",
     "SHAPES",
+    "TEST_FRACTION",
+    "is_data_file",
     "load_dataset",
     "read_idx",
     "render_sprites",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -14,6 +15,15 @@ import torch
 from fastvae.data.splits import DataError, DataSplits, _reason
 
 _USER_SUFFIXES = (".npz", ".npy", ".pt")
+
+
+def is_data_file(name: str | os.PathLike | None) -> bool:
+    """Whether a --dataset / --test-data value names a user's file (.npz, .npy or .pt), not a named data set."""
+    return name is not None and str(name).lower().endswith(_USER_SUFFIXES)
+
+
+TEST_FRACTION = 0.1
+"""The share of a single file held out as its test split when no other is given (--test-fraction)."""
 _PREFERRED_KEYS = ("x", "images", "data")
 
 
@@ -177,11 +187,45 @@ def _split_user(
     return DataSplits(x[: n - n_test], x[n - n_test :], path.name, notes)
 
 
-def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str, layout: str) -> DataSplits:
+def _read_checked(path: Path, likelihood: str, layout: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """A user's file, its layout read (`_user_layout`) and its values checked (`_user_values`): (x, notes)."""
     if not path.is_file():
         raise DataError(f"data file {path} not found")
     x, notes = _user_layout(_read_user_file(path), path, layout)
-    return _split_user(_user_values(x, path, likelihood), path, seed, test_fraction, notes)
+    return _user_values(x, path, likelihood), notes
+
+
+def _load_user(
+    path: Path, seed: int, test_fraction: float | None, likelihood: str, layout: str, test_path: Path | None = None
+) -> DataSplits:
+    """One file split by `test_fraction` (None: TEST_FRACTION), or, with `test_path`, the whole of `path` as the
+    training split and the whole of `test_path` as the test split, in their files' order. Both files follow
+    the same layout and value rules, and must hold samples of one shape stored alike (uint8 or float)."""
+    x, notes = _read_checked(path, likelihood, layout)
+    if test_path is None:
+        test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
+        if not 0.0 < test_fraction < 1.0:
+            raise DataError(f"the test fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
+        return _split_user(x, path, seed, test_fraction, notes)
+    if test_fraction is not None:
+        raise DataError(
+            f"a test fraction (--test-fraction {test_fraction}) splits one file, and a test file (--test-data "
+            f"{test_path}) is the test split itself, with all of {path} for training: give one of them"
+        )
+    test, test_notes = _read_checked(test_path, likelihood, layout)
+    if x.shape[1:] != test.shape[1:]:
+        how = "".join(f"; {note}" for note in (*notes, *test_notes))
+        raise DataError(
+            f"the test file {test_path} holds samples of shape {tuple(test.shape[1:])} and the training file "
+            f"{path} samples of shape {tuple(x.shape[1:])}; both files must hold samples of one shape{how}"
+        )
+    if x.dtype != test.dtype:
+        kind = {torch.uint8: "integer (0..255)", torch.float32: "float"}
+        raise DataError(
+            f"the test file {test_path} holds {kind[test.dtype]} values and the training file {path} "
+            f"{kind[x.dtype]} values; store both as uint8 0..255, or both as floats"
+        )
+    return DataSplits(x, test, path.name, notes + test_notes)
 
 
 # ------------------------------------------------------------------------------------------ public API
