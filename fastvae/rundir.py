@@ -240,11 +240,13 @@ def data_files(config: dict[str, Any], given: dict[str, str | None], where: str)
                 f"cannot be checked against it; give the file at {before}"
             )
         if recorded is not None:
-            if not Path(path).is_file():
+            if not Path(path).is_file() and path == before:
                 raise ConfigError(
                     f"{where}: the run's {flag} file {path} is not there; if it moved, give its new path with "
-                    f"{flag} PATH" if path == before else f"{where}: {flag} {path}: no such file"
+                    f"{flag} PATH"
                 )
+            if not Path(path).is_file():
+                raise ConfigError(f"{where}: {flag} {path}: no such file")
             digest = file_sha256(Path(path))
             if digest != recorded:
                 raise ConfigError(

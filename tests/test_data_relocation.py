@@ -11,7 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fastvae import evaluate, train
+from fastvae import evaluate, rundir, train
+from fastvae.options import ConfigError
 
 SMALL = ["--batch-size", "4", "--hidden", "8", "--latent-dim", "2", "--log-every", "2"]
 EVAL = ["--iw-samples", "2", "--chunk", "2"]
@@ -84,3 +85,17 @@ def test_a_named_data_set_is_not_renamed_on_resume(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((20, 64), np.uint8))
     assert train.main(["--resume", str(out), "--dataset", str(tmp_path / "x.npy")]) == 2
     assert f'--dataset "{tmp_path / "x.npy"}" differs from the run\'s "sprites"' in _one_error_line(capsys)
+
+
+def test_data_files_refuses_what_it_cannot_check(tmp_path):
+    """A new path for a run that recorded no SHA-256 (an older run), and a new path with no file there."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.uint8))
+    old_run = {"dataset": str(tmp_path / "gone.npy"), "test_data": None}
+    with pytest.raises(ConfigError, match=r"recorded no SHA-256 of its --dataset file .*gone\.npy"):
+        rundir.data_files(old_run, {"dataset": str(tmp_path / "x.npy")}, "runs/a")
+    run = {**old_run, "dataset_sha256": rundir.file_sha256(tmp_path / "x.npy")}
+    with pytest.raises(ConfigError, match=r"^runs/a: --dataset .*nope\.npy: no such file$"):
+        rundir.data_files(run, {"dataset": str(tmp_path / "nope.npy")}, "runs/a")
+    assert rundir.data_files(run, {"dataset": str(tmp_path / "x.npy")}, "runs/a") == {
+        "dataset": str(tmp_path / "x.npy"), "test_data": None
+    }

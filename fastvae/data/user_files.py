@@ -15,16 +15,14 @@ import torch
 from fastvae.data.splits import DataError, DataSplits, _reason
 
 _USER_SUFFIXES = (".npz", ".npy", ".pt")
+_PREFERRED_KEYS = ("x", "images", "data")
+TEST_FRACTION = 0.1
+"""The share of a single file held out as its test split when no other is given (--test-fraction)."""
 
 
 def is_data_file(name: str | os.PathLike | None) -> bool:
     """Whether a --dataset / --test-data value names a user's file (.npz, .npy or .pt), not a named data set."""
     return name is not None and str(name).lower().endswith(_USER_SUFFIXES)
-
-
-TEST_FRACTION = 0.1
-"""The share of a single file held out as its test split when no other is given (--test-fraction)."""
-_PREFERRED_KEYS = ("x", "images", "data")
 
 
 def _pick(keys: Sequence[str], path: Path) -> str:
