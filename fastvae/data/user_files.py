@@ -44,7 +44,7 @@ def _from_numpy(array: np.ndarray, path: Path) -> torch.Tensor:
     """A numeric numpy array -> tensor; strings, records, dates and other non-numbers are a DataError."""
     if array.dtype.kind not in "biufc":
         raise DataError(
-            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats in [0, 1]"
+            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats"
         )
     try:
         return torch.from_numpy(array)
@@ -142,15 +142,16 @@ def _user_values(x: torch.Tensor, path: Path, likelihood: str) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x
     if x.is_complex():
-        raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or floats in [0, 1]")
+        floats = "floats in [0, 1]" if likelihood == "bernoulli" else "finite floats"
+        raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or {floats}")
     if x.is_floating_point():
         finite = torch.isfinite(x)
         if not finite.all():
             nan = int(torch.isnan(x).sum())
             counts = [f"{n} {what}" for n, what in ((nan, "NaN"), (int((~finite).sum()) - nan, "infinite")) if n]
-            raise DataError(
-                f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite, in [0, 1]"
-            )
+            rule = (", in [0, 1] for --likelihood bernoulli" if likelihood == "bernoulli"
+                    else " (any finite value fits --likelihood gaussian)")  # fmt: skip
+            raise DataError(f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite{rule}")
         lo, hi = x.min().item(), x.max().item()
         if likelihood == "bernoulli" and not (0.0 <= lo and hi <= 1.0):
             raise DataError(
