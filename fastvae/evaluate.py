@@ -1,8 +1,9 @@
 """Evaluate a training run: `python -m fastvae.evaluate RUN_DIR [--iw-samples K]`.
 
-Loads the model and its config with `fastvae.load_run(RUN_DIR)` and the data again, then reports on
-the test split, in nats per sample with standard errors over the test samples: the ELBO (one draw of
-z per sample, analytic KL) and the importance-weighted bound log p(x) >= IWAE_K. Writes
+Loads the model and its config with `fastvae.load_run(RUN_DIR)` and the data again (a user's data file,
+checked against the SHA-256 the run recorded, from `--dataset PATH` / `--test-data PATH` if it moved),
+then reports on the test split, in nats per sample with standard errors over the test samples: the ELBO
+(one draw of z per sample, analytic KL) and the importance-weighted bound log p(x) >= IWAE_K. Writes
 RUN_DIR/eval.json. The ops run with impl "auto": the fused Triton kernels on CUDA.
 """
 
@@ -23,7 +24,7 @@ from rich.table import Table
 from fastvae.data import DataError, DeviceBatches, load_dataset
 from fastvae.model import VAE, iwae_log_likelihood
 from fastvae.options import ConfigError, HelpFormatter, Parser, resolve_device
-from fastvae.rundir import write_json
+from fastvae.rundir import data_files, write_json
 from fastvae.runs import RunError, load_run
 from fastvae.units import bits_per_dim, sigma_stats
 
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draws of z")
+    parser.add_argument(
+        "--dataset", metavar="PATH",
+        help="the run's data file at a new place, if it moved (its SHA-256 must be the one the run recorded)",
+    )
+    parser.add_argument("--test-data", metavar="PATH", help="likewise, the run's --test-data file at a new place")
     return parser
 
 
@@ -75,9 +81,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.run_dir}: the run's data were an array given to fastvae.fit, which cannot be loaded by name"
         )
     num_test = args.num_test if args.num_test is not None else config["num_test"]
+    files = data_files(config, {"dataset": args.dataset, "test_data": args.test_data}, str(args.run_dir))
     # The test split does not depend on num_train: load a single training sample.
     splits = load_dataset(
-        config["dataset"],
+        files["dataset"],
         data_dir=config["data_dir"],
         seed=config["seed"],
         num_train=1,
@@ -85,7 +92,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         image_size=config["image_size"],
         likelihood=config["likelihood"],
         layout=config.get("layout", "auto"),
-        test_fraction=config.get("test_fraction", 0.1),
+        test_fraction=config.get("test_fraction"),
+        test_data=files["test_data"],
     )
     test = DeviceBatches(splits.test, args.batch_size, device=device, seed=args.seed, drop_last=False)
     torch.manual_seed(args.seed)
@@ -99,7 +107,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             bound["bpd"] = bpd
     results = {
         "run_dir": str(args.run_dir),
-        "dataset": config["dataset"],
+        "dataset": files["dataset"],
+        **({"test_data": files["test_data"]} if files["test_data"] else {}),
         "num_test": len(elbo),
         "iw_samples": args.iw_samples,
         "device": str(device),

@@ -20,6 +20,7 @@ GRID_PADDING = 2  # pixels between and around the images of a grid: an n-column 
 PAD_VALUE = 0.5  # mid grey between the images, so that each one's frame shows on black backgrounds
 DPI = 100
 MIN_SIDE = 4.0  # inches: a grid is shown at least this wide, its pixels enlarged without smoothing (nearest)
+EDGE = 0.1  # inches left beside a title that a figure was widened for
 
 
 def save_grid(
@@ -59,7 +60,19 @@ def save_grid(
             side.set_visible(False)
     if title:
         axes.set_title(title)
+        _fit_width(figure)
     atomic_write(path, lambda f: figure.savefig(f, format="png"))
+
+
+def _fit_width(figure: Figure) -> None:
+    """Widen `figure` (inches) so that what it draws stays inside it: a title wider than a narrow grid (a long
+    file name over a few columns) would be cut at its edges. The axes stay centred in the space that their
+    labels leave, so widening by 2d moves the title d inwards on either side."""
+    figure.draw_without_rendering()  # the constrained layout places the axes and the title
+    drawn, width = figure.get_tightbbox(), figure.get_figwidth()
+    over = max(-drawn.x0, drawn.x1 - width)
+    if over > 0:
+        figure.set_figwidth(width + 2 * over + 2 * EDGE)
 
 
 def save_reconstructions(

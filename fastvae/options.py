@@ -21,7 +21,7 @@ import torch
 
 import fastvae
 from fastvae import checks
-from fastvae.data import LAYOUTS, DataSplits
+from fastvae.data import LAYOUTS, TEST_FRACTION, DataSplits
 from fastvae.model import ARCHS, VAE
 
 
@@ -137,8 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-test", type=_positive_int, help="use the first N test samples")
     data.add_argument("--image-size", type=_positive_int, default=28, help="side of the sprites, pixels")
     data.add_argument(
-        "--test-fraction", type=float, default=0.1,
-        help="share of your file's samples (after a shuffle seeded by --seed) held out as the test split",
+        "--test-fraction", type=float,
+        help="share of your file's samples (after a shuffle seeded by --seed) held out as the test split "
+        f"(default {TEST_FRACTION})",
+    )
+    data.add_argument(
+        "--test-data", metavar="PATH",
+        help="a .npz/.npy/.pt file of test samples: then the whole --dataset file trains (not with --test-fraction)",
     )
     data.add_argument(
         "--layout", choices=LAYOUTS, default="auto",
@@ -224,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its checkpoint.pt (a completed run: write its missing pictures); "
-        "only --epochs, --log-every, --checkpoint-every, --pictures, --device, --data-dir, --download and "
-        "--stop-after may be given anew",
+        "only --epochs, --log-every, --checkpoint-every, --pictures, --tensorboard, --device, --data-dir, "
+        "--download and --stop-after may be given anew, and --dataset/--test-data as a moved copy of the run's file",
     )
     reliable.add_argument(
         "--auto-resume",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastvae import checkpoint as ckpt
-from fastvae.data import DataSplits
+from fastvae.data import DataSplits, is_data_file
 from fastvae.options import ConfigError
 
 PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "manifold.png", "loss.png")  # pictures.py
@@ -33,10 +33,15 @@ RUN_FILES = (
 LOCK_FILE = "run.lock"  # held (flock) by the one process that writes the run; it holds that process's PID
 
 # Settings a resumed run may change; every other one is part of the run and must stay as it was.
-RESUME_MAY_CHANGE = ("epochs", "log_every", "checkpoint_every", "pictures", "device", "data_dir", "download")
+RESUME_MAY_CHANGE = (
+    "epochs", "log_every", "checkpoint_every", "pictures", "tensorboard", "device", "data_dir", "download"
+)
 # Settings of one invocation, never taken over from the run being resumed.
 PER_INVOCATION = ("resume", "overwrite", "stop_after", "out", "auto_resume", "from_previous", "dist_timeout")
 _FUSED_OF_IMPL = {"auto": None, "triton": True, "torch": False}
+# The settings that name a user's data file, each with the config.json key of that file's SHA-256. A resume
+# or an evaluation may give a file's new path (the file moved) when its SHA-256 is the one recorded.
+DATA_FILES = {"dataset": "dataset_sha256", "test_data": "test_data_sha256"}
 
 
 def _flag(dest: str) -> str:
@@ -77,7 +82,7 @@ def resume_settings(
         raise
     old = state["config"]
     allowed = ", ".join(_flag(d) for d in (*RESUME_MAY_CHANGE, "stop_after"))
-    for dest in sorted(explicit - set(RESUME_MAY_CHANGE) - set(PER_INVOCATION)):
+    for dest in sorted(explicit - set(RESUME_MAY_CHANGE) - set(PER_INVOCATION) - set(DATA_FILES)):
         # The run's value; for --fused, config "fused" holds the ops the run used, so --no-fused
         # matches a CPU run that was started without the flag.
         new, before = _comparable(dest, getattr(args, dest)), old.get(dest)
@@ -93,6 +98,7 @@ def resume_settings(
         **{d: getattr(args, d) for d in PER_INVOCATION},
     )
     settings.update({d: getattr(args, d) for d in RESUME_MAY_CHANGE if d in explicit})
+    settings.update(data_files(old, {d: getattr(args, d) for d in DATA_FILES if d in explicit}, f"--resume {run_dir}"))
     settings["out"] = str(run_dir)
     for dest, default in (("checkpoint_every", 0), ("pictures", True), ("cuda_graphs", False)):  # older runs
         if settings.get(dest) is None:
@@ -109,7 +115,7 @@ def resume_settings(
 
 def default_out_dir(dataset: str) -> Path:
     """runs/<dataset>-<local time stamp>: the run directory when --out is not given."""
-    stem = Path(dataset).stem if dataset.lower().endswith((".npz", ".npy", ".pt")) else dataset
+    stem = Path(dataset).stem if is_data_file(dataset) else dataset
     return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -196,6 +202,61 @@ def data_fingerprint(splits: DataSplits) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes: 64 hex digits, as `sha256sum` prints them."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_file_digests(settings: dict[str, Any]) -> dict[str, str]:
+    """config.json's "dataset_sha256" and "test_data_sha256": the SHA-256 of each user's file that `settings`
+    names (a named data set has none)."""
+    named = {dest: settings.get(dest) for dest in DATA_FILES}
+    return {DATA_FILES[dest]: file_sha256(Path(path)) for dest, path in named.items() if is_data_file(path)}
+
+
+def data_files(config: dict[str, Any], given: dict[str, str | None], where: str) -> dict[str, str | None]:
+    """The data files a resume or an evaluation of the run `config` reads: for each of DATA_FILES, the path in
+    `given` (this invocation's --dataset / --test-data; None or absent: not given) or else the run's own.
+    Each file the run recorded a SHA-256 of must still have it: a moved copy is fine, another file is a
+    ConfigError naming both digests; so is a new path where the run used a named data set or no test file,
+    or where it recorded no digest. `where` begins each message ("--resume RUN_DIR")."""
+    paths = {}
+    for dest, key in DATA_FILES.items():
+        before, path = config.get(dest), given.get(dest)
+        path = before if path is None else path
+        flag, recorded = _flag(dest), config.get(key)
+        if path != before and not (is_data_file(before) and is_data_file(path)):
+            raise ConfigError(
+                f"{where}: {flag} {json.dumps(path)} differs from the run's {json.dumps(before)}; a run keeps its "
+                "data, and only a moved copy of its data file may be named anew"
+            )
+        if path != before and recorded is None:
+            raise ConfigError(
+                f"{where}: the run recorded no SHA-256 of its {flag} file {before} (it predates them), so {path} "
+                f"cannot be checked against it; give the file at {before}"
+            )
+        if recorded is not None:
+            if not Path(path).is_file() and path == before:
+                raise ConfigError(
+                    f"{where}: the run's {flag} file {path} is not there; if it moved, give its new path with "
+                    f"{flag} PATH"
+                )
+            if not Path(path).is_file():
+                raise ConfigError(f"{where}: {flag} {path}: no such file")
+            digest = file_sha256(Path(path))
+            if digest != recorded:
+                raise ConfigError(
+                    f"{where}: {flag} {path} has SHA-256 {digest}, but the run's {before} had {recorded}; a run "
+                    "continues, and is evaluated, on the data it was trained on"
+                )
+        paths[dest] = path
+    return paths
+
+
 def resumed_config(config: dict[str, Any], old: dict[str, Any], step: int, run_dir: Path) -> dict[str, Any]:
     """The config of the run in `run_dir`, resumed at `step`: its own `old` one with the settings this
     invocation may change taken from `config` (this invocation's, from `make_config`) and the resume
@@ -207,7 +268,7 @@ def resumed_config(config: dict[str, Any], old: dict[str, Any], step: int, run_d
                 f"was {json.dumps(old[key])})"
             )
     resumed = {"step": step, **{k: config[k] for k in ("command", "started", "world_size")}}
-    merged = {**old, **{k: config[k] for k in (*RESUME_MAY_CHANGE, *PER_INVOCATION, "fused")}}
+    merged = {**old, **{k: config[k] for k in (*RESUME_MAY_CHANGE, *PER_INVOCATION, *DATA_FILES, "fused")}}
     merged["resumed"] = [*old.get("resumed", []), resumed]
     merged["world_size"] = config["world_size"]
     return merged

@@ -1,6 +1,6 @@
 """`--tensorboard [DIR]`: the run's scalars and pictures as TensorBoard event files (torch.utils.tensorboard).
 
-tensorboard is an optional dependency (`pip install fastvae[tensorboard]`); without it `open_writer` raises a
+tensorboard is an optional dependency (`pip install fastvae[tensorboard]`); without it `EventLog` raises a
 one-line ConfigError. Under torchrun only rank 0 writes, as with metrics.jsonl.
 """
 
@@ -27,12 +27,20 @@ def check_available() -> None:
 
 
 class EventLog:
-    """A TensorBoard SummaryWriter into `log_dir`: `add_row` for the rows of metrics.jsonl, `add_pictures` for PNGs."""
+    """A TensorBoard SummaryWriter into `log_dir`: `add_row` for the rows of metrics.jsonl, `add_pictures` for PNGs.
 
-    def __init__(self, log_dir: Path) -> None:
+    It starts with the rows of `history` (a resumed run's metrics.jsonl so far) and tells TensorBoard to drop
+    every earlier event in `log_dir` (purge from step 0): the events then hold this run's rows once each,
+    whether --tensorboard was on before the resume (rows written after the last checkpoint are dropped
+    with the rest) or is added by it.
+    """
+
+    def __init__(self, log_dir: Path, history: Sequence[dict[str, Any]] = ()) -> None:
         check_available()
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=0)
+        for row in history:
+            self.add_row(row)
 
     def add_row(self, row: dict[str, Any]) -> None:
         """Each number of a metrics row as the scalar "<kind>/<key>" ("train/elbo", "eval/test_elbo") at its step."""

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastvae import checkpoint as ckpt
-from fastvae.data import DataError, DataSplits, DeviceBatches, load_dataset, split_array
+from fastvae.data import TEST_FRACTION, DataError, DataSplits, DeviceBatches, load_dataset, split_array
 from fastvae.distributed import DistributedContext, PeerLost, seed_noise
 from fastvae.engine import EVAL_BATCH, ImmediateExit, NonFiniteError, Trainer
 from fastvae.model import VAE
@@ -57,6 +57,7 @@ from fastvae.pictures import RunRecord, draw, pictures_of
 from fastvae.rundir import (
     auto_resume,
     clear_run_files,
+    data_file_digests,
     data_fingerprint,
     lock_run_dir,
     prepare_out_dir,
@@ -350,9 +351,19 @@ def _load_data(args: argparse.Namespace, data: torch.Tensor | None, old_config: 
     common = {"seed": args.seed, "num_train": args.num_train, "num_test": args.num_test, "layout": args.layout,
               "likelihood": args.likelihood, "test_fraction": args.test_fraction}  # fmt: skip
     if data is not None:
+        if args.test_data is not None:
+            raise ConfigError(
+                f"test_data={args.test_data!r} names a test file, but the data were given as an array: split them "
+                "with test_fraction, or pass a data file and its test file"
+            )
         return split_array(data, **common)
     return load_dataset(
-        args.dataset, data_dir=args.data_dir, download=args.download, image_size=args.image_size, **common
+        args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        image_size=args.image_size,
+        test_data=args.test_data,
+        **common,
     )
 
 
@@ -409,6 +420,10 @@ def _train(
         )
     config = make_config(args, device, splits)
     config["data_sha256"] = data_fingerprint(splits)
+    if old_config is None:  # a resumed run keeps its own, checked by resume_settings
+        fraction = TEST_FRACTION if args.test_fraction is None else args.test_fraction
+        config["test_fraction"] = None if args.test_data else fraction  # None: a --test-data file
+        config.update(data_file_digests(config))
     config["world_size"] = ctx.world_size
     if given[1] is not None:
         config["data_in_process"] = True
@@ -482,7 +497,7 @@ def _train(
             console.print(f"Resuming at step {trainer.step} (epoch {start_epoch + 1}, batch {start_position}).")
         metrics_path = out_dir / "metrics.jsonl" if ctx.is_main else Path(os.devnull)  # rank 0 writes
         if ctx.is_main and args.tensorboard is not None:  # rank 0 writes, as metrics.jsonl
-            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"))
+            trainer.events = EventLog(Path(args.tensorboard or out_dir / "tensorboard"), trainer.history)
         with open(metrics_path, "a" if state else "w") as metrics:
             trainer.metrics = metrics
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)

@@ -31,8 +31,19 @@ def test_bernoulli_refuses_values_outside_0_1_and_says_why(tmp_path):
 def test_gaussian_still_refuses_non_finite_values(tmp_path):
     path = tmp_path / "nan.npy"
     np.save(path, np.array([[0.5, np.nan], [2.0, 3.0], [1.0, 1.0]], dtype=np.float32))
-    with pytest.raises(DataError, match="1 NaN.*must be finite"):
+    with pytest.raises(DataError, match=r"1 NaN.*must be finite \(any finite value fits --likelihood gaussian\)$"):
         load_dataset(str(path), likelihood="gaussian")
+    with pytest.raises(DataError, match=r"1 NaN.*must be finite, in \[0, 1\] for --likelihood bernoulli$"):
+        load_dataset(str(path), likelihood="bernoulli")
+
+
+def test_a_complex_file_names_the_rule_of_its_likelihood(tmp_path):
+    path = tmp_path / "complex.npy"
+    np.save(path, np.ones((4, 2), np.complex64))
+    with pytest.raises(DataError, match=r"complex values .*; expected uint8 0\.\.255 or finite floats$"):
+        load_dataset(str(path), likelihood="gaussian")
+    with pytest.raises(DataError, match=r"complex values .*; expected uint8 0\.\.255 or floats in \[0, 1\]$"):
+        load_dataset(str(path), likelihood="bernoulli")
 
 
 def test_gaussian_run_trains_on_signed_data_and_records_its_range(tmp_path):

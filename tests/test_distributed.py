@@ -359,6 +359,24 @@ def test_torchrun_resume_continues_exactly_or_on_another_world_size(tmp_path):
     assert all(math.isfinite(r["test_elbo"]) for r in single_rows if r["kind"] == "eval")
 
 
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_writes_tensorboard_events(tmp_path):
+    """One event file (each writer makes its own), holding the rows of rank 0's metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ddp"
+    result = _torchrun(*RUN, "--epochs", "1", "--out", str(out), "--tensorboard", "--no-pictures")
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = list((out / "tensorboard").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents."), files
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    _, _, rows = _result(out)
+    expected = [(row["step"], pytest.approx(row["elbo"], rel=1e-6)) for row in rows if row["kind"] == "train"]
+    assert [(event.step, event.value) for event in events.Scalars("train/elbo")] == expected
+
+
 PROBE = str(Path(__file__).with_name("ddp_shutdown_probe.py"))
 
 

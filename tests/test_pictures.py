@@ -155,3 +155,17 @@ def test_no_pictures_draws_none(tmp_path, capsys):
     assert train.main([*TINY, "--latent-dim", "2", "--epochs", "1", "--no-pictures", "--out", str(out)]) == 0
     assert not list(out.glob("*.png"))
     assert "Pictures: none (--no-pictures)" in capsys.readouterr().out
+
+
+def test_a_title_wider_than_its_grid_is_not_cut(tmp_path):
+    """A long file name over a grid of 2 columns: the picture widens to the title; nothing touches its edges."""
+    from fastvae.pictures import RunRecord, draw
+
+    history = [{"kind": "eval", "step": 40, "epoch": 1, "test_elbo": -123.456}]
+    name = "my_experiment_with_a_long_descriptive_name_train_split.npy"
+    run = RunRecord(tiny_model(), torch.randint(0, 256, (2, 1, 6, 5), dtype=torch.uint8), history, name)
+    for path in draw(["reconstructions.png", "interpolations.png"], run, tmp_path):
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L"))
+        edges = (grey[:, :3], grey[:, -3:], grey[:3], grey[-3:])  # left, right, top, bottom
+        assert all((edge == 255).all() for edge in edges), f"{path.name}: something is drawn at its edge (cut off)"

@@ -17,7 +17,7 @@ from fastvae.data.idx import read_idx
 from fastvae.data.load import ARRAY, DATASETS, load_dataset, split_array
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import SHAPES, render_sprites
-from fastvae.data.user_files import LAYOUTS
+from fastvae.data.user_files import LAYOUTS, TEST_FRACTION, is_data_file
 
 __all__ = [
     "ARRAY",
@@ -29,6 +29,8 @@ __all__ = [
     "DeviceBatches",
     "LAYOUTS",
     "SHAPES",
+    "TEST_FRACTION",
+    "is_data_file",
     "load_dataset",
     "read_idx",
     "render_sprites",

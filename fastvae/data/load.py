@@ -11,7 +11,7 @@ from fastvae.data.cifar10 import _load_cifar10
 from fastvae.data.idx import _TORCHVISION, _load_idx
 from fastvae.data.splits import DataError, DataSplits
 from fastvae.data.sprites import _load_sprites
-from fastvae.data.user_files import _USER_SUFFIXES, _as_tensor, _load_user, _split_checked
+from fastvae.data.user_files import _as_tensor, _checked, _load_user, _split_by_fraction, is_data_file
 
 DATASETS = ("sprites", "mnist", "fashion-mnist", "cifar10")
 """The named data sets; any other name must be a .npz/.npy/.pt path."""
@@ -36,9 +36,10 @@ def load_dataset(
     num_train: int | None = None,
     num_test: int | None = None,
     image_size: int = 28,
-    test_fraction: float = 0.1,
+    test_fraction: float | None = None,
     likelihood: str = "bernoulli",
     layout: str = "auto",
+    test_data: str | os.PathLike | None = None,
 ) -> DataSplits:
     """Load a data set's train and test splits onto the CPU.
 
@@ -51,7 +52,10 @@ def load_dataset(
     a path ending .npz/.npy/.pt holding a user's (N, D), (N, H, W) or (N, C, H, W) array (in a .npz: the one
     named x, images or data, or the only one; in a .pt: a tensor or a dict with one of those keys), uint8
     0..255 (or other integers in that range, or bool) or finite floats in [0, 1], with N >= 2 and no empty
-    dimension; after a shuffle seeded by `seed`, its last ceil(N * test_fraction) samples are the test split.
+    dimension; after a shuffle seeded by `seed`, its last ceil(N * test_fraction) samples are the test split
+    (`test_fraction` None: TEST_FRACTION, 0.1). With `test_data`, a second such file (only with a user's file,
+    and not with `test_fraction`), the whole of `name` is the training split and the whole of `test_data` the
+    test split, in the files' order; both must hold samples of one shape, both uint8 or both floats.
     `num_train`/`num_test` keep the first n samples of each split (for sprites: render n).
     `image_size` only applies to sprites; `test_fraction` and `likelihood` only to a user's file: for
     'gaussian' its floats may take any finite values, for 'bernoulli' (probabilities) they must lie in [0, 1].
@@ -59,6 +63,13 @@ def load_dataset(
     1/3/4 and H, W > 4 as channel-last images, and says so in the result's `notes`.
     Returns images as (N, C, H, W) uint8, vectors as (N, D) uint8 or float32. Raises DataError.
     """
+    if test_data is not None and not is_data_file(name):
+        raise DataError(
+            f"a test file (--test-data {test_data}) goes with a .npz/.npy/.pt --dataset file; {name} has a test "
+            "split of its own"
+        )
+    if test_data is not None and not is_data_file(test_data):
+        raise DataError(f"the test file (--test-data) must be a .npz/.npy/.pt file, got {test_data}")
     if name == "sprites":
         return _load_sprites(
             seed,
@@ -70,8 +81,10 @@ def load_dataset(
         splits = _load_idx(name, Path(data_dir), download)
     elif name == "cifar10":
         splits = _load_cifar10(Path(data_dir), download)
-    elif name.lower().endswith(_USER_SUFFIXES):
-        splits = _load_user(Path(name), seed, test_fraction, likelihood, layout)
+    elif is_data_file(name):
+        splits = _load_user(
+            Path(name), seed, test_fraction, likelihood, layout, None if test_data is None else Path(test_data)
+        )
     else:
         raise DataError(
             f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, or a path to a .npz/.npy/.pt file"
@@ -99,7 +112,7 @@ def split_array(
     seed: int = 0,
     num_train: int | None = None,
     num_test: int | None = None,
-    test_fraction: float = 0.1,
+    test_fraction: float | None = None,
     likelihood: str = "bernoulli",
     layout: str = "auto",
 ) -> DataSplits:
@@ -108,6 +121,6 @@ def split_array(
     layout, seeded shuffle and test fraction, and the first `num_train`/`num_test` samples kept. The splits
     are named ARRAY. Raises DataError."""
     path = Path(ARRAY)
-    splits = _split_checked(_as_tensor(x, path), path, seed, test_fraction, likelihood, layout)
-    return _first(splits, num_train, num_test)
+    x, notes = _checked(_as_tensor(x, path), path, likelihood, layout)
+    return _first(_split_by_fraction(x, path, seed, test_fraction, notes), num_train, num_test)
 

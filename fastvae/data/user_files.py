@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -15,6 +16,13 @@ from fastvae.data.splits import DataError, DataSplits, _reason
 
 _USER_SUFFIXES = (".npz", ".npy", ".pt")
 _PREFERRED_KEYS = ("x", "images", "data")
+TEST_FRACTION = 0.1
+"""The share of a single file held out as its test split when no other is given (--test-fraction)."""
+
+
+def is_data_file(name: str | os.PathLike | None) -> bool:
+    """Whether a --dataset / --test-data value names a user's file (.npz, .npy or .pt), not a named data set."""
+    return name is not None and str(name).lower().endswith(_USER_SUFFIXES)
 
 
 def _pick(keys: Sequence[str], path: Path) -> str:
@@ -36,7 +44,7 @@ def _from_numpy(array: np.ndarray, path: Path) -> torch.Tensor:
     """A numeric numpy array -> tensor; strings, records, dates and other non-numbers are a DataError."""
     if array.dtype.kind not in "biufc":
         raise DataError(
-            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats in [0, 1]"
+            f"{path} holds {array.dtype} values, which are not numbers; expected uint8 0..255 or floats"
         )
     try:
         return torch.from_numpy(array)
@@ -139,15 +147,16 @@ def _user_values(x: torch.Tensor, path: Path, likelihood: str) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x
     if x.is_complex():
-        raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or floats in [0, 1]")
+        floats = "floats in [0, 1]" if likelihood == "bernoulli" else "finite floats"
+        raise DataError(f"{path} holds complex values ({x.dtype}); expected uint8 0..255 or {floats}")
     if x.is_floating_point():
         finite = torch.isfinite(x)
         if not finite.all():
             nan = int(torch.isnan(x).sum())
             counts = [f"{n} {what}" for n, what in ((nan, "NaN"), (int((~finite).sum()) - nan, "infinite")) if n]
-            raise DataError(
-                f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite, in [0, 1]"
-            )
+            rule = (", in [0, 1] for --likelihood bernoulli" if likelihood == "bernoulli"
+                    else " (any finite value fits --likelihood gaussian)")  # fmt: skip
+            raise DataError(f"{path} holds {' and '.join(counts)} values ({x.dtype}); float data must be finite{rule}")
         lo, hi = x.min().item(), x.max().item()
         if likelihood == "bernoulli" and not (0.0 <= lo and hi <= 1.0):
             raise DataError(
@@ -182,20 +191,57 @@ def _split_user(
     return DataSplits(x[: n - n_test], x[n - n_test :], path.name, notes)
 
 
-def _load_user(path: Path, seed: int, test_fraction: float, likelihood: str, layout: str) -> DataSplits:
+def _read_checked(path: Path, likelihood: str, layout: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """A user's file, its layout read (`_user_layout`) and its values checked (`_user_values`): (x, notes)."""
     if not path.is_file():
         raise DataError(f"data file {path} not found")
-    return _split_checked(_read_user_file(path), path, seed, test_fraction, likelihood, layout)
+    return _checked(_read_user_file(path), path, likelihood, layout)
 
 
-def _split_checked(
-    x: torch.Tensor, path: Path, seed: int, test_fraction: float, likelihood: str, layout: str
+def _checked(x: torch.Tensor, path: Path, likelihood: str, layout: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """A user's array `x` (read from `path`, which the messages name), its layout read and values checked."""
+    x, notes = _user_layout(x, path, layout)
+    return _user_values(x, path, likelihood), notes
+
+
+def _split_by_fraction(
+    x: torch.Tensor, path: Path, seed: int, test_fraction: float | None, notes: tuple[str, ...]
 ) -> DataSplits:
-    """A user's array `x` (read from `path`, which the messages name), checked and split into train and test."""
+    """`x` split into train and test by `test_fraction` (None: TEST_FRACTION), shuffled with `seed`."""
+    test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"the test fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
-    x, notes = _user_layout(x, path, layout)
-    return _split_user(_user_values(x, path, likelihood), path, seed, test_fraction, notes)
+    return _split_user(x, path, seed, test_fraction, notes)
+
+
+def _load_user(
+    path: Path, seed: int, test_fraction: float | None, likelihood: str, layout: str, test_path: Path | None = None
+) -> DataSplits:
+    """One file split by `test_fraction` (None: TEST_FRACTION), or, with `test_path`, the whole of `path` as the
+    training split and the whole of `test_path` as the test split, in their files' order. Both files follow
+    the same layout and value rules, and must hold samples of one shape stored alike (uint8 or float)."""
+    x, notes = _read_checked(path, likelihood, layout)
+    if test_path is None:
+        return _split_by_fraction(x, path, seed, test_fraction, notes)
+    if test_fraction is not None:
+        raise DataError(
+            f"a test fraction (--test-fraction {test_fraction}) splits one file, and a test file (--test-data "
+            f"{test_path}) is the test split itself, with all of {path} for training: give one of them"
+        )
+    test, test_notes = _read_checked(test_path, likelihood, layout)
+    if x.shape[1:] != test.shape[1:]:
+        how = "".join(f"; {note}" for note in (*notes, *test_notes))
+        raise DataError(
+            f"the test file {test_path} holds samples of shape {tuple(test.shape[1:])} and the training file "
+            f"{path} samples of shape {tuple(x.shape[1:])}; both files must hold samples of one shape{how}"
+        )
+    if x.dtype != test.dtype:
+        kind = {torch.uint8: "integer (0..255)", torch.float32: "float"}
+        raise DataError(
+            f"the test file {test_path} holds {kind[test.dtype]} values and the training file {path} "
+            f"{kind[x.dtype]} values; store both as uint8 0..255, or both as floats"
+        )
+    return DataSplits(x, test, path.name, notes + test_notes)
 
 
 # ------------------------------------------------------------------------------------------ public API
