@@ -188,7 +188,8 @@ def sample_latent(mu: Tensor, logvar: Tensor, *, samples: int = 1, impl: str = "
     """z = mu + exp(0.5*logvar)*eps with eps ~ N(0, I), and the KL to the prior, in one pass.
 
     mu, logvar: (B, K) or (B, *latent_shape), e.g. (B, C, H, W). Returns z of mu's shape, or (S, *mu.shape)
-    when samples = S > 1, in mu's dtype, and kl (B,) fp32 nats (summed over every latent dimension). impl: "auto" (Triton on CUDA), "triton" or "torch".
+    when samples = S > 1, in mu's dtype, and kl (B,) fp32 nats (summed over every latent dimension).
+    impl: "auto" (Triton on CUDA), "triton" or "torch".
     """
     impl = _check_latent_inputs(mu, logvar, samples, impl)
     if mu.dim() != 2:  # (B, *latent_shape): the call on (B, K) views, z in the latent shape
