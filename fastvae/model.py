@@ -249,7 +249,7 @@ class VAE(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"data_shape={self.data_shape}, latent_dim={self._latent_text()}, likelihood={self.likelihood!r}, "
+            f"data_shape={self.data_shape}, latent_dim={self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape}, likelihood={self.likelihood!r}, "
             f"sigma={self.sigma!r}, beta={self.beta}, impl={self.impl!r}"
         )
 
@@ -287,10 +287,6 @@ class VAE(nn.Module):
         return x.reshape(len(x), self.dim)
 
     # -------------------------------------------------------------------------------------- the model
-
-    def _latent_text(self) -> str:
-        """latent_dim as it was given: K, or the latent shape."""
-        return str(self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape)
 
     def log_sigma(self) -> Tensor | float | None:
         """The log sigma of the Gaussian likelihood, as the ops take it (`log_scale=`): for sigma='learned'
