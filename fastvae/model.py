@@ -248,8 +248,9 @@ class VAE(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(self.dim)) if self.sigma == "learned" else None
 
     def extra_repr(self) -> str:
+        latent = self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape  # as it was given
         return (
-            f"data_shape={self.data_shape}, latent_dim={self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape}, likelihood={self.likelihood!r}, "
+            f"data_shape={self.data_shape}, latent_dim={latent}, likelihood={self.likelihood!r}, "
             f"sigma={self.sigma!r}, beta={self.beta}, impl={self.impl!r}"
         )
 
