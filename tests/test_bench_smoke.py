@@ -126,19 +126,22 @@ def test_host_overhead_counts_the_launches(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager", "floor",
-               "--breakdown", "--json", str(path)]  # fmt: skip
+               "shaped", "--breakdown", "--json", str(path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(path.read_text())
     rows = {(r["name"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {
-        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("head", "functions"), ("head", "no launches"),
+        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("head", "shaped"), ("head", "functions"),
+        ("head", "no launches"),
         ("engine", "engine"), ("engine", "bare loop"),
     }  # fmt: skip
     # The breakdown: the Functions called directly launch the same 5 kernels; with launches skipped, none.
     assert rows["head", "functions"]["triton_launches"] == 5 and rows["head", "no launches"]["launches"] == 0
     fused, eager = rows["head", "fused"], rows["head", "eager"]
     assert fused["launches"] == fused["triton_launches"] == 5  # fwd: latent, likelihood, loss; bwd: 2
+    shaped = rows["head", "shaped"]  # feature-map latents and images: views, so the same 5 and nothing else
+    assert shaped["launches"] == shaped["triton_launches"] == 5
     assert eager["triton_launches"] == 0 and eager["launches"] > 10 * fused["launches"]
     assert rows["head", "floor"]["launches"] == 0  # allocations and a view only
     assert all(math.isfinite(r["host_us"]) and r["step_us"] > 0 for r in rows.values())
