@@ -111,6 +111,7 @@ def test_likelihood_ops_equal_the_flattened_call(impl, data_shape, kind, S, dtyp
     loss, terms = fastvae.elbo_terms(x, out, kl, log_scale=log_scale, beta=0.5, impl=impl)
     flat_loss, flat_terms = fastvae.elbo_terms(flat_x, flat_out, kl, log_scale=flat_ls, beta=0.5, impl=impl)
     assert torch.equal(loss, flat_loss) and torch.equal(terms, flat_terms)
+    assert torch.equal(fastvae.elbo_loss(x, out, kl, log_scale=log_scale, beta=0.5, impl=impl), loss)
     (loss + logp.sum()).backward()
     (flat_loss + want.sum()).backward()
     for leaf, twin in zip(tensors, twins, strict=True):
@@ -124,6 +125,23 @@ def test_per_channel_scale_is_torch_distributions_normal(impl):
     x, out, log_scale = _likelihood_inputs((3, 4, 4), "channel", 2, torch.float32)
     want = Normal(out.detach().double(), log_scale.detach().double().exp()).log_prob(x.double()).sum((-3, -2, -1))
     assert_close(fastvae.log_likelihood(x, out, log_scale=log_scale, impl=impl), want, torch.float32, scale=7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_shaped_inputs_equal_their_contiguous_copies(impl):
+    """Channels-last latents and images cannot be viewed flat: they are copied, with the same results."""
+    mu, logvar = (t.detach().to(memory_format=torch.channels_last) for t in _leaves((B, 4, 2, 3), (B, 4, 2, 3)))
+    x, out, log_scale = _likelihood_inputs((3, 4, 4), "channel", 1, torch.float32)
+    x, out = x.to(memory_format=torch.channels_last), out.detach().to(memory_format=torch.channels_last)
+    results = []
+    for prepare in (lambda t: t, lambda t: t.contiguous()):
+        torch.manual_seed(3)
+        z, kl = fastvae.sample_latent(prepare(mu), prepare(logvar), impl=impl)
+        loss = fastvae.elbo_loss(prepare(x), prepare(out), kl, log_scale=log_scale, impl=impl)
+        results.append((z, kl, loss))
+    assert not mu.is_contiguous() and not out.is_contiguous()
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.fixture
