@@ -9,6 +9,12 @@ Implementations, measured in the same run:
 The decoder is left out: `out` (B, D) is a given tensor, and the gradient reaching z is a fixed
 random tensor, so both ops' backward passes run.
 
+Heads:
+  flat     mu, logvar (B, K), x and out (B, D), unit variance (--batch, --dim, --latent)
+  ldm      (--ldm) latent diffusion's KL autoencoder at 512 px: B=8, mu, logvar (8, 4, 64, 64), x and out
+           (8, 3, 512, 512), a Gaussian with a learned log-scale per channel (3, 1, 1), in each --dtype:
+           the ops on feature maps and images as they are (D = 786432, K = 16384)
+
 Reported per case:
   time     ms of forward, backward, and forward+backward as called, launches included (CUDA: the mean of
            triton.testing.do_bench over rotating input buffers; CPU: perf_counter medians)
@@ -26,8 +32,9 @@ Reported per case:
   peak     (CUDA) peak memory allocated above the inputs
   launches (CUDA) GPU activities (kernels, memsets, copies) per forward+backward step, from torch.profiler
 
-Usage:  python -m bench.elbo_head [--batch B ...] [--dim D ...] [--latent K ...] [--json PATH]
+Usage:  python -m bench.elbo_head [--batch B ...] [--dim D ...] [--latent K ...] [--ldm] [--json PATH]
 The issue's headline case: python -m bench.elbo_head --batch 4096 --dim 784 --latent 32
+The latent-diffusion head: python -m bench.elbo_head --ldm
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -52,13 +60,27 @@ from bench.environment import copy_bandwidth_gbs, environment
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# Per head: the latent's and a sample's shapes (None: (K,) and (D,)) and the learned log-scale's (None: none).
+HEADS = {
+    "flat": {"latent": None, "data": None, "log_scale": None},
+    "ldm": {"latent": (4, 64, 64), "data": (3, 512, 512), "log_scale": (3, 1, 1)},
+}
+
+
 @dataclass
 class Case:
     B: int
-    D: int
-    K: int
+    D: int  # prod of the data shape
+    K: int  # prod of the latent shape
     dtype: str
     dist: str
+    head: str = "flat"  # a key of HEADS
+
+
+def ldm_cases(dtypes: list[str]) -> list[Case]:
+    """The latent-diffusion head in each dtype."""
+    shapes = HEADS["ldm"]
+    return [Case(8, math.prod(shapes["data"]), math.prod(shapes["latent"]), d, "gaussian", "ldm") for d in dtypes]
 
 
 @dataclass
@@ -87,30 +109,35 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, to
         t = (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
         return t.requires_grad_(leaf)
 
-    x = torch.rand(case.B, case.D, generator=g, device=device).to(dtype)
+    shapes = HEADS[case.head]
+    latent, data = (case.B, *(shapes["latent"] or (case.K,))), (case.B, *(shapes["data"] or (case.D,)))
+    x = torch.rand(*data, generator=g, device=device).to(dtype)
     if case.dist == "bernoulli":
         x = x.round()
-    return {
-        "mu": rand(case.B, case.K),
-        "logvar": rand(case.B, case.K, scale=0.5),
+    inputs = {
+        "mu": rand(*latent),
+        "logvar": rand(*latent, scale=0.5),
         "x": x,
-        "out": rand(case.B, case.D),
-        "grad_z": rand(case.B, case.K, leaf=False),
+        "out": rand(*data),
+        "grad_z": rand(*latent, leaf=False),
     }
+    if shapes["log_scale"]:
+        inputs["log_scale"] = rand(*shapes["log_scale"], scale=0.1)
+    return inputs
 
 
 def head(impl: str, dist: str) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
     def step(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, kl = fastvae.sample_latent(t["mu"], t["logvar"], impl=impl)
-        return z, fastvae.elbo_loss(t["x"], t["out"], kl, dist=dist, impl=impl)
+        return z, fastvae.elbo_loss(t["x"], t["out"], kl, dist=dist, log_scale=t.get("log_scale"), impl=impl)
 
     return step
 
 
 def backward(t: dict[str, torch.Tensor], z: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients wrt mu, logvar and out, returned rather than accumulated into .grad (as in a model,
-    where they flow on into the encoder and decoder instead of being copied into leaves)."""
-    leaves = [t["mu"], t["logvar"], t["out"]]
+    """Gradients wrt mu, logvar, out and a learned log-scale, returned rather than accumulated into .grad (as in a
+    model, where they flow on into the encoder and decoder instead of being copied into leaves)."""
+    leaves = [t["mu"], t["logvar"], t["out"], *([t["log_scale"]] if "log_scale" in t else [])]
     return torch.autograd.grad([loss, z], leaves, [None, t["grad_z"]])
 
 
@@ -274,9 +301,13 @@ def time_cuda_graph(fn, t: dict[str, torch.Tensor]) -> tuple[float | None, str |
 
 
 def fused_design_bytes(case: Case) -> int:
-    """Bytes the fused kernels move per step by design: read x, out; write d out; latent read/write."""
+    """Bytes the fused kernels move per step by design: read x, out; write d out; latent read/write; with a learned
+    log-scale, its per-element fp32 gradient written and read back for its reduction, and the log-scale
+    expanded to the data shape (D values) read and its gradient written."""
     e = DTYPES[case.dtype].itemsize
     likelihood = 3 * case.B * case.D * e
+    if HEADS[case.head]["log_scale"]:
+        likelihood += 2 * case.B * case.D * 4 + 2 * case.D * e
     latent = (2 * case.B * case.K + case.B * case.K) * e + (2 * case.B * case.K + 2 * case.B * case.K) * e
     return likelihood + latent
 
@@ -325,12 +356,13 @@ def _mb(v):
 def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
     title = f"ELBO head on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
     table = Table(title=title)
-    for col in ("B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "graph ms", "vs eager",
-                "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB", "launches"):
+    for col in ("head", "B", "D", "K", "dtype", "dist", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "graph ms",
+                "vs eager", "vs compile", "GB/s", "saved MB", "ops/step", "moved MB", "peak MB", "launches"):
         table.add_column(col, justify="right")
     by_case: dict[tuple, dict[str, Result]] = {}
     for r in results:
-        by_case.setdefault(tuple(asdict(r.case).values()), {})[r.impl] = r
+        c = r.case
+        by_case.setdefault((c.head, c.B, c.D, c.K, c.dtype, c.dist), {})[r.impl] = r
     for key, impls in by_case.items():
         for impl, r in impls.items():
             ratio = {}
@@ -349,6 +381,8 @@ def render(results: list[Result], env: dict, bandwidth: float | None) -> Table:
 
 
 def cases(args) -> list[Case]:
+    if args.ldm:
+        return ldm_cases(args.dtype)
     return [
         Case(B, D, K, dtype, dist)
         for B in args.batch for D in args.dim for K in args.latent for dtype in args.dtype for dist in args.dist
@@ -361,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[256, 4096, 65536] if cuda else [256, 4096])
     p.add_argument("--dim", type=int, nargs="+", default=[784, 3072, 12288] if cuda else [784])
     p.add_argument("--latent", type=int, nargs="+", default=[20, 128])
+    p.add_argument("--ldm", action="store_true", help="the latent-diffusion head instead (B, D, K given by it)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--dist", nargs="+", choices=["gaussian", "bernoulli"], default=["gaussian", "bernoulli"])
     p.add_argument("--impl", nargs="+", choices=["eager", "compile", "fused"], default=["eager", "compile", "fused"])

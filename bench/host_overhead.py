@@ -12,6 +12,9 @@ all of them alike; a figure is the median over the rounds of each round's median
                       what is timed is all the host work up to the driver's launch call; on CUDA, real launches
              eager    impl="torch", the PyTorch reference
              compile  torch.compile of the reference head
+             shaped   impl="triton" on a feature-map latent (B, 1, 2, 2) and images (B, 1, 4, 4) (the same K
+                      and D): the fused figure plus the cost of the ops' handling of such shapes (checks,
+                      flattened views, z in the latent's shape)
              floor    two bare autograd Functions with the fused path's allocations, and nothing else (no
                       checks, seed or launches): what any design of two Python Functions costs on this host
            and, with --breakdown, where the fused figure goes (each row is fused less one layer):
@@ -64,9 +67,10 @@ from fastvae.data import DataSplits, DeviceBatches
 from fastvae.engine import Trainer, synchronize
 from fastvae.options import build_model, build_parser, make_config
 
-IMPLS = ("fused", "eager", "compile", "floor")
+IMPLS = ("fused", "eager", "compile", "floor", "shaped")
 BREAKDOWN = ("functions", "no launches")
 B, K, D = 8, 4, 16  # tiny: the compute is about zero
+LATENT_MAP, IMAGE = (1, 2, 2), (1, 4, 4)  # the shaped head's latent and sample shapes: K and D values
 
 
 @dataclass
@@ -186,7 +190,8 @@ def _launches_skipped(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head, or
+    """(mu, logvar, out-from-z, x) -> (z, loss) of the Bernoulli ELBO head; `impl` as in bench.elbo_head, "shaped"
+    (the fused ops, given shaped inputs by `head_steps`), or
     "floor": two bare autograd Functions with the fused path's allocations and nothing else (no checks, no
     seed, no launches), the part of the fused host time that no design of two Python Functions avoids."""
     if impl == "floor":
@@ -204,7 +209,7 @@ def head_fn(impl: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
             return z, ElboLoss.apply(x, decode(z), kl, None, 0.0, "bernoulli", 1.0, False)[0]
 
         return functions
-    ops_impl = "triton" if impl == "fused" else "torch"
+    ops_impl = "torch" if impl in ("eager", "compile") else "triton"
 
     def head(mu, logvar, decode, x):
         z, kl = fastvae.sample_latent(mu, logvar, impl=ops_impl)
@@ -226,20 +231,29 @@ class HeadSteps:
 
 
 def head_steps(impl: str, device: torch.device) -> HeadSteps:
-    mu, logvar, weight = _leaves(device, (B, K), (B, K), (K, D))
-    x = torch.rand(B, D, generator=torch.Generator().manual_seed(1)).round().to(device)
+    latent, sample = ((B, *LATENT_MAP), (B, *IMAGE)) if impl == "shaped" else ((B, K), (B, D))
+    mu, logvar, weight = _leaves(device, latent, latent, (K, D))
+    x = torch.rand(B, D, generator=torch.Generator().manual_seed(1)).round().to(device).view(sample)
     head = head_fn(impl)
+    if impl == "shaped":  # a linear decoder to images; the step without the head decodes mu alike
+
+        def decode(z):
+            return (z.flatten(1) @ weight).view(sample)
+    else:
+
+        def decode(z):
+            return z @ weight
 
     def step():
-        _, loss = head(mu, logvar, lambda z: z @ weight, x)
+        _, loss = head(mu, logvar, decode, x)
         loss.backward()
         mu.grad = logvar.grad = weight.grad = None
 
     def without_head():
-        (mu @ weight).sum().backward()
+        decode(mu).sum().backward()
         mu.grad = weight.grad = None
 
-    out, grad_z = _leaves(device, (B, D), (B, K))
+    out, grad_z = _leaves(device, sample, latent)
     one = torch.ones((), device=device)
 
     def head_alone():

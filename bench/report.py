@@ -40,15 +40,16 @@ def elbo_head_markdown(data: dict) -> list[str]:
     """"fwd ms" to "fwd+bwd ms": as called, launches included; "graph ms": fwd+bwd replayed from a CUDA graph
     (device time); "GB/s": the fused op's design bytes over the graph time, as a share of the copy bandwidth."""
     lines = [
-        "| B | D | K | dtype | dist | impl | fwd ms | bwd ms | fwd+bwd ms | graph ms | GB/s (% of copy) | saved MB "
-        "| ops/step | moved MB | peak MB | launches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| head | B | D | K | dtype | dist | impl | fwd ms | bwd ms | fwd+bwd ms | graph ms | GB/s (% of copy) "
+        "| saved MB | ops/step | moved MB | peak MB | launches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     bandwidth = data.get("copy_bandwidth_gbs")
     for r in data["results"]:
         c = r["case"]
         lines.append(
-            f"| {c['B']} | {c['D']} | {c['K']} | {c['dtype']} | {c['dist']} | {r['impl']} | {_ms(r['fwd_ms'])} | "
+            f"| {c.get('head', 'flat')} | {c['B']} | {c['D']} | {c['K']} | {c['dtype']} | {c['dist']} | {r['impl']} | "
+            f"{_ms(r['fwd_ms'])} | "
             f"{_ms(r['bwd_ms'])} | {_ms(r['fwd_bwd_ms'])} | {_ms(r.get('graph_ms'))} | {_gbs(r, bandwidth)} | "
             f"{_mb(r['saved_bytes'])} | {r['ops_per_step'] or '–'} | {_mb(r['moved_bytes'])} | "
             f"{_mb(r.get('peak_extra_bytes'))} | {r.get('launches_per_step') or '–'} |"

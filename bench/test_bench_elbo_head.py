@@ -2,7 +2,8 @@
 
     pytest bench/ --benchmark-only
 
-One small case on the CPU, the issue's headline case (B=4096, D=784, K=32, fp32) on a GPU.
+One small case on the CPU; on a GPU the issue's headline case (B=4096, D=784, K=32, fp32) and the latent-diffusion
+head (B=8, latents 4x64x64, images 3x512x512, a per-channel log-scale) in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.elbo_head import Case, backward, head, make_inputs
+from bench.elbo_head import Case, backward, head, ldm_cases, make_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-CASE = Case(4096, 784, 32, "fp32", "bernoulli") if CUDA else Case(256, 784, 32, "fp32", "bernoulli")
+CASES = [Case(4096, 784, 32, "fp32", "bernoulli"), *ldm_cases(["fp32", "bf16"])] if CUDA else [
+    Case(256, 784, 32, "fp32", "bernoulli")
+]
 IMPLS = ["eager", "compile", "fused"] if CUDA else ["eager", "compile"]
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.head}-{c.dtype}")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_elbo_head_forward_backward(benchmark, impl):
-    fn = head("triton" if impl == "fused" else "torch", CASE.dist)
+def test_elbo_head_forward_backward(benchmark, impl, case):
+    fn = head("triton" if impl == "fused" else "torch", case.dist)
     if impl == "compile":
         torch._dynamo.reset()
         fn = torch.compile(fn)
-    t = make_inputs(CASE, DEVICE)
+    t = make_inputs(case, DEVICE)
 
     def step():
         z, loss = fn(t)

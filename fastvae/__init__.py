@@ -2,8 +2,8 @@
 
 The drop-in ops (see docs/drop-in.md):
 
-    z, kl = fastvae.sample_latent(mu, logvar)           # (B, K), (B,) nats
-    out = decoder(z)                                     # (B, D)
+    z, kl = fastvae.sample_latent(mu, logvar)           # (B, K) or (B, *latent_shape), (B,) nats
+    out = decoder(z)                                     # (B, D) or (B, *data_shape)
     loss = fastvae.elbo_loss(x, out, kl, dist="bernoulli")  # scalar, nats per sample
 
 `impl="auto"` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference elsewhere.

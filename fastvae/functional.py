@@ -2,6 +2,10 @@
 
 Shapes: B rows (batch), K latent dimensions, D data dimensions, S Monte Carlo samples.
 All log-densities and KLs are fp32 (or wider) and in nats; the per-row ones are summed over K or D.
+Latents may also be (B, *latent_shape) (K = prod(latent_shape)) and data (B, *data_shape)
+(D = prod(data_shape)): the ops then run on the flattened (B, K) and (B, D) views (copies only of inputs
+whose layout cannot be viewed so) and give the results of the flattened call, z and the gradients in the
+callers' shapes.
 """
 
 from __future__ import annotations
@@ -136,8 +140,8 @@ def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: obje
             return "triton"
     mu = checks.float_tensor("mu", mu)
     logvar = checks.float_tensor("logvar", logvar)
-    if mu.dim() != 2:
-        raise ValueError(f"`mu` must have shape (B, K), got {tuple(mu.shape)}")
+    if mu.dim() < 2:
+        raise ValueError(f"`mu` must have shape (B, K) or (B, *latent_shape), got {tuple(mu.shape)}")
     if logvar.shape != mu.shape:
         raise ValueError(f"`logvar` must have the shape of `mu` {tuple(mu.shape)}, got {tuple(logvar.shape)}")
     checks.same_device(mu=mu, logvar=logvar)
@@ -164,13 +168,17 @@ def sample_latent_iw(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reparameterised samples, analytic KL and importance log-ratios in one pass.
 
-    mu, logvar: (B, K) parameters of q(z|x) = N(mu, exp(logvar)).
-    Returns z (S, B, K) in mu's dtype, kl (B,) = KL(q(z|x) || N(0, I)) and
-    log_ratio (S, B) = log p(z_s) - log q(z_s|x), both fp32 nats summed over K.
+    mu, logvar: (B, K) or (B, *latent_shape), parameters of q(z|x) = N(mu, exp(logvar)).
+    Returns z (S, B, K) or (S, B, *latent_shape) in mu's dtype, kl (B,) = KL(q(z|x) || N(0, I)) and
+    log_ratio (S, B) = log p(z_s) - log q(z_s|x), both fp32 nats summed over every latent dimension.
     The fused path draws eps in-kernel from a seed taken from torch's generator, so
     `torch.manual_seed` makes it reproducible; its backward regenerates eps instead of storing it.
     """
-    if _check_latent_inputs(mu, logvar, samples, impl) == "triton":
+    impl = _check_latent_inputs(mu, logvar, samples, impl)
+    if mu.dim() != 2:  # (B, *latent_shape): the call on (B, K) views, z in the latent shape
+        z, kl, log_ratio = sample_latent_iw(mu.flatten(1), logvar.flatten(1), samples=samples, impl=impl)
+        return z.unflatten(-1, mu.shape[1:]), kl, log_ratio
+    if impl == "triton":
         return _fused_latent(mu, logvar, samples, True)
     eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
     return ref.latent_reference(mu, logvar, eps)
@@ -179,10 +187,15 @@ def sample_latent_iw(
 def sample_latent(mu: Tensor, logvar: Tensor, *, samples: int = 1, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """z = mu + exp(0.5*logvar)*eps with eps ~ N(0, I), and the KL to the prior, in one pass.
 
-    mu, logvar: (B, K). Returns z, shape (B, K) or (S, B, K) when samples = S > 1, in mu's dtype,
-    and kl (B,) fp32 nats (summed over K). impl: "auto" (Triton on CUDA), "triton" or "torch".
+    mu, logvar: (B, K) or (B, *latent_shape), e.g. (B, C, H, W). Returns z of mu's shape, or (S, *mu.shape)
+    when samples = S > 1, in mu's dtype, and kl (B,) fp32 nats (summed over every latent dimension).
+    impl: "auto" (Triton on CUDA), "triton" or "torch".
     """
-    if _check_latent_inputs(mu, logvar, samples, impl) == "triton":
+    impl = _check_latent_inputs(mu, logvar, samples, impl)
+    if mu.dim() != 2:  # (B, *latent_shape): the call on (B, K) views, z in the latent shape
+        z, kl = sample_latent(mu.flatten(1), logvar.flatten(1), samples=samples, impl=impl)
+        return z.unflatten(-1, mu.shape[1:]), kl
+    if impl == "triton":
         return _fused_latent(mu, logvar, samples, False)
     eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
     z, kl, _ = ref.latent_reference(mu, logvar, eps)
@@ -228,11 +241,12 @@ def _check_likelihood_inputs(
     x = checks.float_tensor("x", x)
     out = checks.float_tensor("out", out)
     checks.choice("dist", dist, checks.DISTS)
-    if x.dim() != 2:
-        raise ValueError(f"`x` must have shape (B, D) (flatten the data dimensions), got {tuple(x.shape)}")
-    if out.dim() not in (2, 3) or out.shape[-2:] != x.shape:
+    if x.dim() < 2:
+        raise ValueError(f"`x` must have shape (B, D) or (B, *data_shape), got {tuple(x.shape)}")
+    if out.dim() - x.dim() not in (0, 1) or out.shape[out.dim() - x.dim() :] != x.shape:
         raise ValueError(
-            f"`out` must have shape (B, D) or (S, B, D) matching x {tuple(x.shape)}, got {tuple(out.shape)}"
+            f"`out` must have shape (B, *data_shape) or (S, B, *data_shape) matching x {tuple(x.shape)}, "
+            f"got {tuple(out.shape)}"
         )
     checks.same_device(x=x, out=out)
     tensors = {"x": x, "out": out}
@@ -243,12 +257,28 @@ def _check_likelihood_inputs(
             return checks.real_number("log_scale", log_scale), checks.resolve_impl(impl, **tensors)
         checks.float_tensor("log_scale", log_scale)
         checks.same_device(out=out, log_scale=log_scale)
-        if not _broadcasts_to(log_scale, out.shape):
+        flat = x.dim() > 2 and log_scale.shape == (x.shape[1:].numel(),)
+        if not (flat or _broadcasts_to(log_scale, out.shape)):
+            also = f", nor is it the flattened (D,) = ({x.shape[1:].numel()},)" if x.dim() > 2 else ""
             raise ValueError(
-                f"`log_scale` of shape {tuple(log_scale.shape)} does not broadcast to out's shape {tuple(out.shape)}"
+                f"`log_scale` of shape {tuple(log_scale.shape)} does not broadcast to out's shape "
+                f"{tuple(out.shape)}{also}"
             )
         tensors["log_scale"] = log_scale
     return log_scale, checks.resolve_impl(impl, **tensors)
+
+
+def _flat_data(
+    x: Tensor, out: Tensor, log_scale: Tensor | float | None
+) -> tuple[Tensor, Tensor, Tensor | float | None]:
+    """Checked x (B, *data_shape), out (B, *data_shape) or (S, B, *data_shape) and log-scale as the ops take
+    them flattened: views (B, D) and (B, D) or (S, B, D) where the layout allows (contiguous inputs), and a
+    log-scale tensor that broadcasts to data_shape expanded to it, then flattened (so it broadcasts to the
+    flat out: (C, 1, 1) becomes (D,)); the flattened (D,) and a number as they are."""
+    if isinstance(log_scale, Tensor) and log_scale.shape != (x.shape[1:].numel(),):
+        lead = max(0, log_scale.dim() - (x.dim() - 1))
+        log_scale = log_scale.expand(*log_scale.shape[:lead], *x.shape[1:]).flatten(lead)
+    return x.flatten(1), out.flatten(out.dim() - x.dim() + 1), log_scale
 
 
 def _check_kl_and_beta(x: Tensor, kl: object, beta: object) -> float | Tensor:
@@ -280,13 +310,18 @@ def log_likelihood(
 ) -> Tensor:
     """Per-row log p(x|z), summed over D, normalising constants included, fp32 nats.
 
-    x: (B, D) data. out: decoder output (B, D) or (S, B, D): the Gaussian mean, or Bernoulli logits.
-    dist: "gaussian" (N(x | out, exp(log_scale)^2)) or "bernoulli" (x in [0, 1], `out` are logits).
-    log_scale: None (unit variance), a float, or a tensor broadcastable to `out` (scalar, (D,),
-    (B, D) or (S, B, D)), which may require grad. x and out may have different float dtypes (autocast).
-    Returns (B,) or (S, B).
+    x: (B, D) or (B, *data_shape) data. out: decoder output of x's shape or (S, *x.shape): the Gaussian
+    mean, or Bernoulli logits. dist: "gaussian" (N(x | out, exp(log_scale)^2)) or "bernoulli" (x in [0, 1],
+    `out` are logits). log_scale (log sigma, in x's units; not a log-variance): None (unit variance), a
+    float, or a tensor broadcastable to `out` (scalar, (D,), (B, D) or (S, B, D); with data (B, *data_shape)
+    also the flattened (D,), or one that broadcasts to data_shape such as (C, 1, 1) per channel), which may
+    require grad. x and out may have different float dtypes (autocast). Returns (B,) or (S, B), summed over
+    every data dimension.
     """
     log_scale, impl = _check_likelihood_inputs(x, out, dist, log_scale, impl)
+    if x.dim() != 2:  # (B, *data_shape): the call on the flattened views
+        x, out, log_scale = _flat_data(x, out, log_scale)
+        return log_likelihood(x, out, dist=dist, log_scale=log_scale, impl=impl)
     if impl == "triton":
         op = _ops().log_likelihood_op if torch.compiler.is_compiling() else _ops().LogLikelihood.apply
         return op(x, out, *_split_log_scale(log_scale), dist)
@@ -305,6 +340,9 @@ def _elbo(
 ) -> tuple[Tensor, Tensor | None]:
     """`elbo_terms`; without `with_terms` the terms are None (the fused path computes them anyway)."""
     log_scale, impl = _check_likelihood_inputs(x, out, dist, log_scale, impl)
+    if x.dim() != 2:  # (B, *data_shape): the call on the flattened views
+        x, out, log_scale = _flat_data(x, out, log_scale)
+        return _elbo(x, out, kl, dist, log_scale, beta, impl, with_terms)
     beta = _check_kl_and_beta(x, kl, beta)
     if impl != "triton":
         return ref.elbo_loss_reference(x, out, kl, dist, log_scale, beta, with_terms)
@@ -348,7 +386,7 @@ def elbo_loss(
 ) -> Tensor:
     """Scalar negative ELBO: mean over the batch of -(log p(x|z) - beta*kl), in nats per sample.
 
-    With out of shape (S, B, D) the log-likelihood is also averaged over the S samples.
+    With out of shape (S, B, D) (or (S, B, *data_shape)) the log-likelihood is also averaged over the S samples.
     x, out, dist, log_scale: as in `log_likelihood`; kl: (B,), e.g. from `sample_latent`;
     beta: the KL weight, finite and >= 0: a float, or a one-element float tensor on x's device (not checked
     then), whose current value the fused kernels read (so a captured CUDA graph follows its updates).

@@ -87,7 +87,7 @@ def save_reconstructions(
 
 
 def _decoded(model: VAE, z: Tensor) -> Tensor:
-    """z (..., K) -> the decoded images (prod(...), *data_shape) in data space, float32."""
+    """z (..., *latent_shape) -> the decoded images (prod(...), *data_shape) in data space, float32."""
     return model.to_data_space(model.decode(z)).reshape(-1, *model.data_shape)
 
 
@@ -101,9 +101,10 @@ def interpolations(model: VAE, x: Tensor, steps: int = 10) -> Tensor:
     """
     if len(x) < 2 or len(x) % 2 or steps < 2:
         raise ValueError(f"need an even number >= 2 of samples and steps >= 2, got {len(x)} and {steps}")
-    mu, _ = model.encode(x)
-    start, end = mu[0::2, None], mu[1::2, None]  # (P, 1, K)
-    t = torch.linspace(0.0, 1.0, steps, device=mu.device, dtype=mu.dtype)[None, :, None]  # (1, steps, 1)
+    mu, _ = model.encode(x)  # (2P, *latent_shape)
+    start, end = mu[0::2, None], mu[1::2, None]  # (P, 1, *latent_shape)
+    t = torch.linspace(0.0, 1.0, steps, device=mu.device, dtype=mu.dtype)  # (steps,), then (1, steps, 1, ...)
+    t = t.reshape(1, steps, *(1,) * len(model.latent_shape))
     return _decoded(model, start + t * (end - start))
 
 
@@ -113,7 +114,8 @@ def latent_manifold(model: VAE, n: int = 20) -> Tensor:
 
     Image (i, j) decodes z = (Phi^-1(u_j), Phi^-1(u_n-1-i)), u_k = (k + 0.5) / n, Phi the standard normal CDF:
     z1 grows to the right and z2 upwards, each over the central (1 - 1/n) of the prior's mass. Needs
-    latent_dim 2. Returns (n * n, *data_shape) float32, row-major: a grid of n columns.
+    latent_dim K = 2 (of any latent shape: (2,), (1, 2), ...). Returns (n * n, *data_shape) float32,
+    row-major: a grid of n columns.
     """
     if model.latent_dim != 2:
         raise ValueError(f"the latent manifold needs latent_dim 2, got {model.latent_dim}")
@@ -121,4 +123,4 @@ def latent_manifold(model: VAE, n: int = 20) -> Tensor:
     u = (torch.arange(n, device=param.device, dtype=torch.float64) + 0.5) / n
     q = torch.special.ndtri(u).to(torch.float32 if model.arch == "custom" else param.dtype)
     z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # (n, n): z1 varies along a row, z2 down the columns
-    return _decoded(model, torch.stack([z1, z2], dim=-1))
+    return _decoded(model, torch.stack([z1, z2], dim=-1).reshape(n, n, *model.latent_shape))

@@ -1,14 +1,16 @@
 """`VAE`: a variational autoencoder whose objective runs through the fused ops of `fastvae.functional`.
 
-Shapes: B rows (batch), K latent dimensions (`latent_dim`), D = prod(data_shape) data dimensions,
-S importance samples. Every log-density, KL and bound is in nats per sample (summed over D or K,
-averaged over rows where a single number is returned).
+Shapes: B rows (batch), latent_shape (K,) or a feature map such as (C, H, W) (`latent_dim`: an int K or
+that shape), K = prod(latent_shape) latent dimensions, D = prod(data_shape) data dimensions, S importance
+samples. Every log-density, KL and bound is in nats per sample (summed over D or K, averaged over rows where
+a single number is returned).
 
 Encoder and decoder contract (for your own modules):
 
-- encoder: x (N, D) float -> (N, 2K) (mu and logvar, in that order along the last axis) or a tuple
-  (mu (N, K), logvar (N, K)). logvar is the log-variance of the diagonal Gaussian q(z|x).
-- decoder: z (N, K) -> (N, D) or (N, *data_shape): the Gaussian mean, or the Bernoulli logits.
+- encoder: x (N, *data_shape) float -> one tensor with mu and logvar in that order along dim 1, (N, 2K) or
+  (N, 2C, H, W) as an AutoencoderKL's moments are, or a tuple (mu, logvar), each (N, *latent_shape). logvar
+  is the log-variance of the diagonal Gaussian q(z|x). (The built-in modules take x flattened, (N, D).)
+- decoder: z (N, *latent_shape) -> (N, D) or (N, *data_shape): the Gaussian mean, or the Bernoulli logits.
   `VAE.decode` flattens any leading sample axes into N before calling it.
 """
 
@@ -126,6 +128,13 @@ def _shape(name: str, value: object) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _latent_shape(value: object) -> tuple[int, ...]:
+    """latent_dim: an int K, giving (K,), or a latent shape, a non-empty sequence of positive ints."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return _shape("latent_dim", value)
+    return (checks.positive_int("latent_dim", value),)
+
+
 def _hidden(value: object) -> tuple[int, ...]:
     """Hidden layer sizes: a (possibly empty: linear maps) sequence of positive ints."""
     if not isinstance(value, Sequence) or isinstance(value, str):
@@ -180,7 +189,9 @@ class VAE(nn.Module):
     """A VAE with a diagonal Gaussian q(z|x), a N(0, I) prior and a Gaussian or Bernoulli p(x|z).
 
     data_shape: the shape of one sample, (C, H, W) for images or (D,) (an int D is accepted).
-    latent_dim: K. arch: "mlp" (default) or "conv" (two stride-2 convolutions; (C, H, W) data with
+    latent_dim: K, or the shape of a latent, such as (4, 8, 8) for a feature map (your own encoder and
+    decoder only). The model keeps it as `latent_shape` ((K,) for an int) and K = prod(latent_shape) as
+    `latent_dim`. arch: "mlp" (default) or "conv" (two stride-2 convolutions; (C, H, W) data with
     H and W divisible by 4, e.g. 28 or 32), with fully connected layers of sizes `hidden` (a sequence of
     positive ints; () gives linear maps).
     encoder, decoder: your own modules instead of `arch` (both or neither; see the module docstring).
@@ -209,7 +220,8 @@ class VAE(nn.Module):
         super().__init__()
         self.data_shape = _shape("data_shape", data_shape)
         self.dim = math.prod(self.data_shape)
-        self.latent_dim = checks.positive_int("latent_dim", latent_dim)
+        self.latent_shape = _latent_shape(latent_dim)
+        self.latent_dim = math.prod(self.latent_shape)
         self.likelihood = checks.choice("likelihood", likelihood, checks.DISTS)
         self.sigma = _sigma(sigma, self.likelihood)
         self.beta = checks.finite_non_negative("beta", beta)
@@ -218,6 +230,11 @@ class VAE(nn.Module):
             raise ValueError("pass both `encoder` and `decoder`, or neither (to build them from `arch`)")
         if encoder is None:
             self.arch = checks.choice("arch", arch, ARCHS)
+            if len(self.latent_shape) > 1:
+                raise ValueError(
+                    f"`latent_dim`={latent_dim!r}, a latent shape, needs your own `encoder` and `decoder`; "
+                    f"arch={self.arch!r} takes an int K"
+                )
             encoder, decoder = _default_modules(self.arch, self.data_shape, self.latent_dim, _hidden(hidden))
         else:
             if arch != "mlp":
@@ -231,8 +248,9 @@ class VAE(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(self.dim)) if self.sigma == "learned" else None
 
     def extra_repr(self) -> str:
+        latent = self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape  # as it was given
         return (
-            f"data_shape={self.data_shape}, latent_dim={self.latent_dim}, likelihood={self.likelihood!r}, "
+            f"data_shape={self.data_shape}, latent_dim={latent}, likelihood={self.likelihood!r}, "
             f"sigma={self.sigma!r}, beta={self.beta}, impl={self.impl!r}"
         )
 
@@ -271,9 +289,12 @@ class VAE(nn.Module):
 
     # -------------------------------------------------------------------------------------- the model
 
-    def _log_scale_arg(self) -> Tensor | float | None:
-        """The `log_scale` argument of the likelihood ops: the learned parameter above its floor, log(sigma),
-        or None (sigma 1)."""
+    def log_sigma(self) -> Tensor | float | None:
+        """The log sigma of the Gaussian likelihood, as the ops take it (`log_scale=`): for sigma='learned'
+        the parameter `log_scale` above its floor, `floored_log_scale(log_scale)`, a (D,) tensor (the
+        flattened data_shape, which the ops take with x (B, D) and (B, *data_shape) alike) that carries the
+        gradient; log(sigma), a float, for a fixed sigma; None for sigma 1 (unit variance) and for a
+        Bernoulli likelihood. Not a log-variance: logvar = 2 * log sigma."""
         if self.log_scale is not None:
             return floored_log_scale(self.log_scale)
         if self.likelihood == "gaussian" and self.sigma != 1.0:
@@ -281,11 +302,12 @@ class VAE(nn.Module):
         return None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, D) or (B, *data_shape) -> mu, logvar, each (B, K), the parameters of q(z|x)."""
+        """x (B, D) or (B, *data_shape) -> mu, logvar, each (B, *latent_shape), the parameters of q(z|x).
+        Your own encoder gets x as (B, *data_shape), the built-in ones as (B, D)."""
         x = self._flat(x)
-        h = self.encoder(x)
+        h = self.encoder(x.reshape(len(x), *self.data_shape) if self.arch == "custom" else x)
         if isinstance(h, Tensor):
-            mu, logvar = h.chunk(2, dim=-1) if h.dim() >= 1 and h.shape[-1] % 2 == 0 else (h, h)
+            mu, logvar = h.chunk(2, dim=1) if h.dim() >= 2 and h.shape[1] % 2 == 0 else (h, h)
             got = tuple(h.shape)
         elif isinstance(h, (tuple, list)) and len(h) == 2 and all(isinstance(t, Tensor) for t in h):
             mu, logvar = h
@@ -293,12 +315,14 @@ class VAE(nn.Module):
         else:
             kind = f"a {type(h).__name__} of {len(h)}" if isinstance(h, (tuple, list)) else type(h).__name__
             raise TypeError(f"`encoder` must return a tensor (B, 2K) or a tuple (mu, logvar) of tensors, got {kind}")
-        expected = (len(x), self.latent_dim)
+        expected = (len(x), *self.latent_shape)
         if tuple(mu.shape) != expected or tuple(logvar.shape) != expected:
-            raise ValueError(
-                f"`encoder` must return (B, 2K) = {(len(x), 2 * self.latent_dim)} or a tuple of two (B, K) "
-                f"tensors, got {got}"
-            )
+            both = (len(x), 2 * self.latent_shape[0], *self.latent_shape[1:])
+            if len(self.latent_shape) == 1:
+                shapes = f"(B, 2K) = {both} or a tuple of two (B, K) tensors"
+            else:
+                shapes = f"(B, 2C, ...) = {both} (mu, logvar along dim 1) or a tuple of two {expected} tensors"
+            raise ValueError(f"`encoder` must return {shapes}, got {got}")
         if not (mu.is_floating_point() and logvar.is_floating_point()):
             raise TypeError(f"`encoder` must return floating-point tensors, got {mu.dtype} and {logvar.dtype}")
         if mu.dtype != logvar.dtype:
@@ -308,30 +332,33 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z: Tensor) -> Tensor:
-        """z (..., K) -> out (..., D): the Gaussian mean or the Bernoulli logits."""
+        """z (..., *latent_shape) -> out (..., D): the Gaussian mean or the Bernoulli logits."""
         z = checks.float_tensor("z", z)
-        if z.dim() < 2 or z.shape[-1] != self.latent_dim:
-            raise ValueError(f"`z` must have shape (..., B, {self.latent_dim}), got {tuple(z.shape)}")
+        dims = len(self.latent_shape)
+        latent = ", ".join(map(str, self.latent_shape))
+        if z.dim() < dims + 1 or z.shape[-dims:] != self.latent_shape:
+            raise ValueError(f"`z` must have shape (..., B, {latent}), got {tuple(z.shape)}")
         self._on_device("z", z)
         self._same_dtype("z", z)
-        n = z[..., 0].numel()
-        out = self.decoder(z.reshape(n, self.latent_dim))
+        lead = z.shape[:-dims]
+        n = lead.numel()
+        out = self.decoder(z.reshape(n, *self.latent_shape))
         if not isinstance(out, Tensor):
             raise TypeError(f"`decoder` must return a tensor, got {type(out).__name__}")
         if out.shape not in (torch.Size([n, self.dim]), torch.Size([n, *self.data_shape])):
             raise ValueError(
-                f"`decoder` must map (N, {self.latent_dim}) to (N, {self.dim}) or (N, *{self.data_shape}), "
+                f"`decoder` must map (N, {latent}) to (N, {self.dim}) or (N, *{self.data_shape}), "
                 f"got {tuple(out.shape)} for N = {n}"
             )
         if not out.is_floating_point():
             raise TypeError(f"`decoder` must return a floating-point tensor, got {out.dtype}")
         if out.device != z.device:
             raise ValueError(f"`decoder` returned a tensor on {out.device} for `z` on {z.device}")
-        return out.reshape(*z.shape[:-1], self.dim)
+        return out.reshape(*lead, self.dim)
 
     def log_likelihood(self, x: Tensor, out: Tensor) -> Tensor:
         """log p(x|z) per row, nats: x (B, D), out (B, D) or (S, B, D) -> (B,) or (S, B)."""
-        return log_likelihood(x, out, dist=self.likelihood, log_scale=self._log_scale_arg(), impl=self.impl)
+        return log_likelihood(x, out, dist=self.likelihood, log_scale=self.log_sigma(), impl=self.impl)
 
     def to_data_space(self, out: Tensor) -> Tensor:
         """Decoder output -> data space, float32: Bernoulli probabilities, or the Gaussian mean itself."""
@@ -344,7 +371,7 @@ class VAE(nn.Module):
         param = next(self.parameters(), None)
         device = torch.device("cpu") if param is None else param.device
         dtype = torch.float32 if param is None or self.arch == "custom" else param.dtype
-        z = torch.randn(n, self.latent_dim, device=device, dtype=dtype)
+        z = torch.randn(n, *self.latent_shape, device=device, dtype=dtype)
         return self.to_data_space(self.decode(z)).reshape(n, *self.data_shape)
 
     @torch.no_grad()
@@ -387,7 +414,7 @@ class VAE(nn.Module):
             z, kl = sample_latent(mu, logvar, impl=self.impl)
             out = self.decode(z)
             loss, terms = elbo_terms(
-                x, out, kl, dist=self.likelihood, log_scale=self._log_scale_arg(), beta=beta, impl=self.impl
+                x, out, kl, dist=self.likelihood, log_scale=self.log_sigma(), beta=beta, impl=self.impl
             )
             elbo, kl_mean, log_px = terms.unbind()
             return LossOutput(loss, elbo, kl_mean, log_px, elbo)

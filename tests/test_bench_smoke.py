@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -76,6 +77,29 @@ def test_elbo_head_design_measurements(tmp_path):
     assert "| 8 | 33 | 5 | fp32 | bernoulli | fused |" in report.markdown(data)
 
 
+def test_elbo_head_latent_diffusion_head(tmp_path, monkeypatch):
+    """The --ldm head (feature-map latents, images, a per-channel log-scale), here at 1/8 of its sides so that
+    the interpreter runs it quickly (`python -m bench.elbo_head --ldm` runs it at 4x64x64 and 3x512x512): the
+    fused head takes the shaped inputs, its log-scale gets a gradient, and it is counted as the flat one is."""
+    small = {"latent": (4, 8, 8), "data": (3, 64, 64), "log_scale": (3, 1, 1)}
+    monkeypatch.setitem(elbo_head.HEADS, "ldm", small)
+    path = tmp_path / "ldm.json"
+    elbo_head.main(["--ldm", "--dtype", "bf16", "--impl", "eager", "fused", "--reps", "1", "--json", str(path)])
+    data = json.loads(path.read_text())
+    eager, fused = data["results"]
+    (case,) = elbo_head.ldm_cases(["bf16"])
+    assert eager["case"] == fused["case"] == asdict(case)
+    assert (case.D, case.K, case.dist) == (math.prod(small["data"]), math.prod(small["latent"]), "gaussian")
+    assert 0 < fused["ops_per_step"] < eager["ops_per_step"]
+    assert 0 < fused["moved_bytes"] < eager["moved_bytes"]
+    assert fused["saved_bytes"] < eager["saved_bytes"]
+    t = elbo_head.make_inputs(case, torch.device("cpu"))
+    grads = elbo_head.backward(t, *elbo_head.head("triton", "gaussian")(t))
+    latent, data_shape = (case.B, *small["latent"]), (case.B, *small["data"])
+    assert [g.shape for g in grads] == [latent, latent, data_shape, small["log_scale"]]
+    assert f"| ldm | {case.B} | {case.D} | {case.K} | bf16 | gaussian | fused |" in report.markdown(data)
+
+
 @pytest.mark.slow
 def test_ddp_stress_counts_clean_exits(tmp_path, capsys):
     """One finished torchrun job, one Ctrl-C and one scheduler SIGTERM: each clean, with its exit codes."""
@@ -102,19 +126,22 @@ def test_host_overhead_counts_the_launches(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "bench.host_overhead", "--reps", "20", "--impls", "fused", "eager", "floor",
-               "--breakdown", "--json", str(path)]  # fmt: skip
+               "shaped", "--breakdown", "--json", str(path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(path.read_text())
     rows = {(r["name"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {
-        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("head", "functions"), ("head", "no launches"),
+        ("head", "fused"), ("head", "eager"), ("head", "floor"), ("head", "shaped"), ("head", "functions"),
+        ("head", "no launches"),
         ("engine", "engine"), ("engine", "bare loop"),
     }  # fmt: skip
     # The breakdown: the Functions called directly launch the same 5 kernels; with launches skipped, none.
     assert rows["head", "functions"]["triton_launches"] == 5 and rows["head", "no launches"]["launches"] == 0
     fused, eager = rows["head", "fused"], rows["head", "eager"]
     assert fused["launches"] == fused["triton_launches"] == 5  # fwd: latent, likelihood, loss; bwd: 2
+    shaped = rows["head", "shaped"]  # feature-map latents and images: views, so the same 5 and nothing else
+    assert shaped["launches"] == shaped["triton_launches"] == 5
     assert eager["triton_launches"] == 0 and eager["launches"] > 10 * fused["launches"]
     assert rows["head", "floor"]["launches"] == 0  # allocations and a view only
     assert all(math.isfinite(r["host_us"]) and r["step_us"] > 0 for r in rows.values())

@@ -30,13 +30,22 @@ def test_drop_in_example_runs_and_lowers_the_loss(capsys):
     assert last < first - 20, printed
 
 
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
+def _runs_dir(tmp_path_factory, *likelihood: str) -> Path:
     """A folder holding runs/sprites-<...>, a small finished run, as `make train` leaves it."""
     root = tmp_path_factory.mktemp("docs")
-    args = [*TINY, "--likelihood", "bernoulli", "--epochs", "1", "--no-pictures"]
+    args = [*TINY, *likelihood, "--epochs", "1", "--no-pictures"]
     assert train.main([*args, "--out", str(root / "runs" / "sprites-20260101-000000")]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return _runs_dir(tmp_path_factory, "--likelihood", "bernoulli")
+
+
+@pytest.fixture(scope="module")
+def learned_sigma_runs_dir(tmp_path_factory):
+    return _runs_dir(tmp_path_factory, "--likelihood", "gaussian", "--sigma", "learned")
 
 
 def test_readme_load_run_example(runs_dir, monkeypatch, capsys):
@@ -49,6 +58,15 @@ def test_drop_in_load_run_example(runs_dir, monkeypatch, capsys):
     monkeypatch.chdir(runs_dir)
     run_block(DOC, "## A trained run")
     printed = capsys.readouterr().out
-    found = re.search(r"test ELBO (-[\d.]+), loss ([\d.]+) nats per image; K = 3", printed)
+    found = re.search(r"test ELBO (-[\d.]+), loss ([\d.]+) = ([\d.]+) nats per image; K = 3", printed)
     elbo, loss = float(found.group(1)), float(found.group(2))
     assert 0 < -elbo < 64 * math.log(2) and 0 < loss < 64 * math.log(2)  # better than a coin flip per pixel
+    assert found.group(2) == found.group(3)
+
+
+def test_drop_in_load_run_example_scores_a_learned_sigma_as_the_model_does(learned_sigma_runs_dir, monkeypatch, capsys):
+    """The example's loss from the ops is the model's own, the learned scale included."""
+    monkeypatch.chdir(learned_sigma_runs_dir)
+    run_block(DOC, "## A trained run")
+    found = re.search(r"loss (-?[\d.]+) = (-?[\d.]+) nats per image", capsys.readouterr().out)
+    assert found.group(1) == found.group(2)

@@ -84,14 +84,16 @@ def test_bad_custom_modules_are_named():
 
 
 class TupleEncoder(nn.Module):
-    """Returns (mu, logvar) as a tuple, as the contract allows."""
+    """Takes (N, 1, 4, 4) images (your own encoder gets x in data_shape) and returns (mu, logvar) as a tuple, as
+    the contract allows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.mu, self.logvar = nn.Linear(D, K), nn.Linear(D, K)
 
     def forward(self, x):
-        return self.mu(x), self.logvar(x)
+        assert x.shape[1:] == (1, 4, 4)
+        return self.mu(x.flatten(1)), self.logvar(x.flatten(1))
 
 
 class ImageDecoder(nn.Module):

@@ -41,8 +41,8 @@ LATENT_ERRORS = [
 
 LIKELIHOOD_ERRORS = [
     (lambda: fastvae.log_likelihood(torch.rand(4, 5), torch.rand(4, 6)), ValueError, "`out` must have shape"),
-    (lambda: fastvae.log_likelihood(torch.rand(4, 1, 5), torch.rand(4, 1, 5)), ValueError,
-     r"`x` must have shape \(B, D\) \(flatten"),
+    (lambda: fastvae.log_likelihood(torch.rand(5), torch.rand(5)), ValueError,
+     r"`x` must have shape \(B, D\) or \(B, \*data_shape\), got \(5,\)"),
     (lambda: fastvae.log_likelihood(torch.rand(4, 5), torch.rand(2, 3, 5)), ValueError, "`out` must have shape"),
     (lambda: fastvae.log_likelihood(torch.ones(4, 5, dtype=torch.uint8), torch.rand(4, 5)), TypeError,
      "`x` must be a floating-point tensor"),
