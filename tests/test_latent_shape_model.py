@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 import fastvae
-from fastvae import VAE, iwae_log_likelihood
+from fastvae import VAE, engine, iwae_log_likelihood
 from fastvae.data import DeviceBatches, to_float
-from fastvae import engine
 from fastvae.evaluate import per_sample_bounds
 from fastvae.images import interpolations, latent_manifold
 from fastvae.model import floored_log_scale

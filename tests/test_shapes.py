@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from fastvae.kernels.launch import CachedKernel
 from helpers import assert_close
 from torch.distributions import Normal
 
 import fastvae
-from fastvae.kernels.launch import CachedKernel
 
 IMPLS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
