@@ -49,9 +49,11 @@ empty); 3 nothing failed but a step was skipped (e.g. compute-sanitizer missing,
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -119,6 +121,13 @@ DRY_TESTS = ["-k", "test_public_shapes_and_reference_impl or test_kl_matches_tor
 DRY_SUITE = ["tests/test_packaging.py"]
 GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs (--cuda-graphs)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
+SANITIZER_ERROR_EXIT = 99  # --error-exitcode: the tool's exit status when it found something
+KERNELS_DIR = ROOT / "fastvae" / "kernels"
+TRITON_RACE_ISSUE = "triton-lang/triton#7264"
+TRITON_LIBRARY = "/triton/language/"  # Triton's own code, where a reduction's shared-memory traffic is placed
+# racecheck's report of a shared-memory race: each access at KERNEL+OFFSET in FILE:LINE.
+RACE = re.compile(r"(?:error|warning): race reported between \w+ access at (\S+?)\+0x[0-9a-f]+ in (\S+):\d+ "
+                  r"and \w+ access at (\S+?)\+0x[0-9a-f]+ in (\S+):\d+(?: \[\d+ hazards?\])?", re.IGNORECASE)
 MEMCHECK_PART = 0.6  # memcheck's part of the sanitizer step's time; racecheck has the rest
 
 
@@ -399,6 +408,83 @@ def compute_sanitizer() -> str | None:
     return None
 
 
+def triton_kernels() -> set[str]:
+    """The names of fastvae's Triton kernels (its `@triton.jit` functions): what a report names a kernel by."""
+    names = set()
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+def racecheck_findings(output: str) -> list[str]:
+    """racecheck's findings in `output`: each an `Error:` or `Warning:` line (any case) with the indented
+    lines that continue it, the `=========` prefixes dropped and the lines joined by a space."""
+    findings: list[str] = []
+    open_finding = False
+    for raw in output.splitlines():
+        if not raw.startswith("========="):
+            open_finding = False
+            continue
+        body = raw.lstrip("=")
+        text = body.strip()
+        if re.match(r"(error|warning)\b", text, re.IGNORECASE):
+            findings.append(text)
+            open_finding = True
+        elif open_finding and text and body.startswith(" " * 2) and "SUMMARY" not in text:
+            findings[-1] += " " + text
+        else:
+            open_finding = False
+    return findings
+
+
+def in_triton_reduction(finding: str, kernels: set[str]) -> bool:
+    """Whether a racecheck finding is one that triton-lang/triton#7264 explains: a race between two
+    shared-memory accesses (racecheck's "Race reported between" form) that both lie in one of fastvae's
+    Triton kernels and in Triton's own library code (triton/language/: the reduction a kernel's tl.sum or
+    tl.max expands into), not in a line of fastvae. Anything else is not."""
+    match = RACE.fullmatch(finding)
+    if match is None:
+        return False
+    kernel_a, file_a, kernel_b, file_b = match.groups()
+    return {kernel_a, kernel_b} <= kernels and all(TRITON_LIBRARY in f.replace(os.sep, "/") for f in (file_a, file_b))
+
+
+def sanitizer_verdict(tool: str, run: Run) -> tuple[str, str, list[str]]:
+    """A compute-sanitizer run's status (passed, failed, cut or skipped), its line, and the racecheck
+    findings it triaged as Triton's own (passed with them). It passes only when bench.sanitize_kernels said
+    its cases ran on CUDA; a tool that refuses the device, or a CUDA that does not initialise under it,
+    is skipped with the reason."""
+    from bench.sanitize_kernels import NO_CUDA, ON_CUDA
+
+    lines = [line.strip("= \t") for line in run.output.splitlines()]
+    refused = next((line for line in lines if "device not supported" in line.lower()), None)
+    if refused is not None:
+        return "skipped", f"{tool}: compute-sanitizer refused the device: {refused}", []
+    no_cuda = next((line for line in lines if line.startswith(NO_CUDA)), None)
+    if no_cuda is not None:
+        return "skipped", f"{tool}: CUDA did not initialise under compute-sanitizer: {no_cuda[len(NO_CUDA):]}", []
+    summary = "; ".join(line for line in lines if "SUMMARY" in line) or last_line(run.output)
+    if run.cut:
+        return "cut", f"{tool}: cut short at the step's deadline after {run.seconds:.0f} s; {summary}", []
+    finished = next((line for line in reversed(lines) if ON_CUDA in line), None)
+    if finished is None:
+        return "failed", f"{tool}: exit status {run.returncode}; the kernels did not all run on CUDA: {summary}", []
+    if run.returncode == 0:
+        return "passed", f"{tool}: {summary}; {finished}", []
+    findings = racecheck_findings(run.output) if tool == "racecheck" else []
+    kernels = triton_kernels()
+    triaged = [f for f in findings if in_triton_reduction(f, kernels)]
+    if run.returncode == SANITIZER_ERROR_EXIT and findings and triaged == findings and " 0 not finite" in finished:
+        return "passed", (f"{tool}: {len(triaged)} findings, all in Triton's own reductions inside fastvae's "
+                          f"kernels ({TRITON_RACE_ISSUE}, open): triaged, not a failure, kept in "
+                          f"{FILES['sanitizer']}; {finished}"), triaged  # fmt: skip
+    untriaged = len(findings) - len(triaged)
+    more = f"; {untriaged} of {len(findings)} findings not in Triton's reductions" if untriaged else ""
+    return "failed", f"{tool}: exit status {run.returncode}; {summary}{more}", []
+
+
 def step_sanitizer(kit: Kit, step: Step) -> None:
     sanitizer = None if kit.dry_run else compute_sanitizer()
     sections = []
@@ -413,19 +499,26 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
             step.line = f"{why}: memcheck and racecheck not run; bench.sanitize_kernels ran without them: {step.line}"
     else:
         env = {**kit.env(), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation
-        results = []
+        verdicts, triaged = [], []
         for tool in SANITIZER_TOOLS:
-            argv = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--report-api-errors", "no",
-                    "--print-limit", "100", sys.executable, "-m", "bench.sanitize_kernels"]  # fmt: skip
+            argv = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT), "--report-api-errors",
+                    "no", "--print-limit", "100", sys.executable, "-m", "bench.sanitize_kernels",
+                    "--require-cuda"]  # fmt: skip
             run = kit.run(argv, env, timeout=kit.remaining() * MEMCHECK_PART if tool == "memcheck" else None)
-            found = [line.strip("= \t") for line in run.output.splitlines() if "SUMMARY" in line]
-            verdict = "cut short" if run.cut else f"exit status {run.returncode}"
-            results.append((run, f"{tool}: {verdict}; {'; '.join(found) or last_line(run.output)}"))
-            sections.append(f"== {step.commands[-1]} ({verdict}, {run.seconds:.0f} s)\n{run.output}")
-        runs = [run for run, _ in results]
-        step.status = ("failed" if any(r.returncode not in (0, None) for r in runs)
-                       else "cut" if any(r.cut for r in runs) else "passed")  # fmt: skip
-        step.line = " | ".join(line for _, line in results)
+            status, line, found = sanitizer_verdict(tool, run)
+            verdicts.append((status, line))
+            triaged += found
+            sections.append(f"== {step.commands[-1]} ({status}, {run.seconds:.0f} s)\n{run.output}")
+            if status == "skipped":  # the other tool would meet the same device
+                break
+        statuses = {status for status, _ in verdicts}
+        step.status = next(s for s in ("failed", "cut", "skipped", "passed") if s in statuses)
+        step.line = " | ".join(line for _, line in verdicts)
+        if triaged:
+            note = (f"== racecheck findings triaged as Triton's own reductions ({TRITON_RACE_ISSUE}: butterfly "
+                    f"shuffles whose threads write slightly different sums to one shared-memory slot), not a "
+                    f"failure; each names a fastvae kernel and a line of triton/language/:")  # fmt: skip
+            sections.insert(0, "\n".join([note, *triaged]))
     limit = MAX_FILE_BYTES // (4 * len(sections))  # characters: up to 4 bytes each
     (kit.out / FILES[step.name]).write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
 

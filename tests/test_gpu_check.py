@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -208,19 +209,39 @@ def test_the_suite_step_runs_the_rest_of_the_tests(tmp_path):
     assert f"-m 'not gpu' {' '.join(ignored)} tests/test_packaging.py" in step.commands[0]
 
 
-# A stand-in for compute-sanitizer (a GPU machine's tool): memcheck finds nothing, racecheck a hazard.
-FAKE_SANITIZER = """#!/bin/sh
-if [ "$2" = memcheck ]; then echo "========= ERROR SUMMARY: 0 errors"; exit 0; fi
-echo "========= Error: Race reported between Write access and Read access"
-echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
-exit 99
-"""
+# Stand-ins for compute-sanitizer (a GPU machine's tool), called as the kit calls it: `--tool TOOL` and five
+# more words of options, then the program. CUDA_LINE is bench.sanitize_kernels' last line after a run on CUDA.
+CUDA_LINE = "72 cases on CUDA: 72 finite, 0 not finite"
+TRITON_FILE = "/usr/lib/python3/site-packages/triton/language/standard.py"
+KERNEL_FILE = str(ROOT / "fastvae" / "kernels" / "likelihood.py")
 
 
-def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
+def race(kernel: str, file: str, line: int = 290, hazards: int = 12) -> str:
+    """racecheck's report of a race (its default form), as echo lines of a stand-in tool."""
+    return (f'echo "========= Error: Race reported between Write access at {kernel}+0x1e30 in {file}:{line}"\n'
+            f'echo "=========     and Write access at {kernel}+0x1e30 in {file}:{line} [{hazards} hazards]"\n'
+            'echo "========="\n')  # fmt: skip
+
+
+def fake_tool(memcheck: str, racecheck: str) -> str:
+    """A stand-in whose memcheck and racecheck runs are these shell commands."""
+    return f'#!/bin/sh\nif [ "$2" = memcheck ]; then\n{memcheck}\nelse\n{racecheck}\nfi\n'
+
+
+RUN_ON_CUDA = f'echo "{CUDA_LINE}"; echo "========= ERROR SUMMARY: 0 errors"; exit 0'
+
+
+def racecheck_finding(*reports: str) -> str:
+    n = len(reports)
+    summary = f"RACECHECK SUMMARY: {n} hazards displayed ({n} errors, 0 warnings)"
+    return f'{"".join(reports)}echo "{CUDA_LINE}"\necho "========= {summary}"\nexit 99'
+
+
+def sanitizer_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str) -> tuple[gpu_check.Step, Path]:
+    """The kit's sanitizer step (a GPU run's, not a dry run's) with `tool` as compute-sanitizer on PATH."""
     fake = tmp_path / "bin" / "compute-sanitizer"
     fake.parent.mkdir()
-    fake.write_text(FAKE_SANITIZER)
+    fake.write_text(tool)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     kit = gpu_check.Kit(gpu_check.parse_args(["--out", str(tmp_path / "out"), "--steps", "sanitizer"]))
@@ -230,13 +251,95 @@ def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
         kit.execute(step, gpu_check.step_sanitizer)
     finally:
         shutil.rmtree(kit.scratch)
+    assert all(c.startswith(f"{fake} --tool ") for c in step.commands)
+    assert all(c.endswith("python -m bench.sanitize_kernels --require-cuda") for c in step.commands)
+    return step, kit.out / "sanitizer.txt"
+
+
+def test_the_sanitizers_verdicts_are_recorded(tmp_path, monkeypatch):
+    """memcheck finds nothing on CUDA: passed; racecheck a race it does not place: failed."""
+    unplaced = 'echo "========= Error: Race reported between Write access and Read access"\n'
+    step, text = sanitizer_step(tmp_path, monkeypatch, fake_tool(RUN_ON_CUDA, racecheck_finding(unplaced)))
     assert step.status == "failed"
-    assert step.line == ("memcheck: exit status 0; ERROR SUMMARY: 0 errors | racecheck: exit status 99; "
-                         "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)")  # fmt: skip
-    tools = [f"{fake} --tool {tool}" for tool in ("memcheck", "racecheck")]
-    assert [c.split(" --error-exitcode")[0] for c in step.commands] == tools
-    assert all(c.endswith("python -m bench.sanitize_kernels") for c in step.commands)
-    assert "Race reported between Write access and Read access" in (kit.out / "sanitizer.txt").read_text()
+    assert step.line == (f"memcheck: ERROR SUMMARY: 0 errors; {CUDA_LINE} | racecheck: exit status 99; RACECHECK "
+                         "SUMMARY: 1 hazards displayed (1 errors, 0 warnings); 1 of 1 findings not in Triton's "
+                         "reductions")  # fmt: skip
+    assert [c.split(" --error-exitcode")[0].split(" --tool ")[1] for c in step.commands] == ["memcheck", "racecheck"]
+    assert "Race reported between Write access and Read access" in text.read_text()
+
+
+def test_a_tool_that_refuses_the_device_is_a_skip_with_its_reason(tmp_path, monkeypatch):
+    refusal = "Internal Sanitizer Error: Device not supported. Please refer to the Supported Devices section."
+    tool = fake_tool(f'echo "========= {refusal}"; exit 1', "exit 1")
+    step, text = sanitizer_step(tmp_path, monkeypatch, tool)
+    assert (step.status, step.line) == ("skipped", f"memcheck: compute-sanitizer refused the device: {refusal}")
+    assert len(step.commands) == 1  # racecheck would meet the same device
+    assert refusal in text.read_text()
+
+
+def test_cuda_that_does_not_initialise_under_the_tool_is_a_skip_not_a_run_on_the_cpu(tmp_path, monkeypatch):
+    """The tool runs the real bench.sanitize_kernels, which finds no usable CUDA here (as under a tool whose
+    container runtime hides the device: error 999): it must stop with torch's reason, not run the cases on
+    the CPU under the interpreter, and the step is skipped with that reason."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tool = '#!/bin/sh\nshift 8\nexec "$@"\n'  # drop --tool TOOL and the options, run the program
+    step, text = sanitizer_step(tmp_path, monkeypatch, tool)
+    assert step.status == "skipped", step.line
+    assert step.line.startswith("memcheck: CUDA did not initialise under compute-sanitizer: ")
+    assert len(step.line) > len("memcheck: CUDA did not initialise under compute-sanitizer: ")
+    output = text.read_text()
+    assert "no CUDA under this run: " in output and "cases on" not in output
+
+
+def test_torchs_warning_is_the_reason_when_cuda_fails_to_initialise(monkeypatch):
+    """torch only warns when cudaGetDeviceCount fails (error 999): that warning is the reason given."""
+    from bench import sanitize_kernels
+
+    warning = "CUDA initialization: Unexpected error from cudaGetDeviceCount(). Error 999: unknown error"
+
+    def unavailable() -> bool:
+        warnings.warn(warning, UserWarning, stacklevel=1)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    assert sanitize_kernels.cuda_status() == (False, warning)
+
+
+def test_kernels_run_on_the_cpu_under_the_tool_fail_the_step(tmp_path, monkeypatch):
+    cpu = 'echo "72 cases on the CPU under TRITON_INTERPRET=1: 72 finite, 0 not finite"; exit 0'
+    step, _ = sanitizer_step(tmp_path, monkeypatch, fake_tool(cpu, cpu))
+    assert step.status == "failed"
+    assert step.line.startswith("memcheck: exit status 0; the kernels did not all run on CUDA: ")
+
+
+def test_racecheck_findings_in_tritons_reductions_are_triaged_and_kept(tmp_path, monkeypatch):
+    reports = (race("_loglik_kernel", TRITON_FILE), race("_latent_bwd_kernel", TRITON_FILE, 237, 1))
+    step, text = sanitizer_step(tmp_path, monkeypatch, fake_tool(RUN_ON_CUDA, racecheck_finding(*reports)))
+    assert step.status == "passed", step.line
+    racecheck = step.line.split(" | ")[1]
+    assert racecheck.startswith("racecheck: 2 findings, all in Triton's own reductions inside fastvae's "
+                                "kernels (triton-lang/triton#7264, open): triaged, not a failure, kept in "
+                                "sanitizer.txt")  # fmt: skip
+    kept = text.read_text()
+    assert kept.startswith("== racecheck findings triaged as Triton's own reductions (triton-lang/triton#7264")
+    assert kept.count(f"_loglik_kernel+0x1e30 in {TRITON_FILE}:290") == 4  # in the note (2) and the output (2)
+
+
+@pytest.mark.parametrize(
+    "reports",
+    [
+        [race("_loglik_kernel", KERNEL_FILE)],  # in a line of fastvae: a race of ours
+        [race("_loglik_kernel", TRITON_FILE), race("other_kernel", TRITON_FILE)],  # not one of fastvae's kernels
+        [race("_loglik_kernel", TRITON_FILE),
+         'echo "========= Error: Potential WAW hazard detected at __shared__ 0x0 in block (0,0,0) :"\n'],
+    ],
+    ids=["fastvae-line", "other-kernel", "another-form"],
+)
+def test_other_racecheck_findings_still_fail(tmp_path, monkeypatch, reports):
+    step, _ = sanitizer_step(tmp_path, monkeypatch, fake_tool(RUN_ON_CUDA, racecheck_finding(*reports)))
+    assert step.status == "failed"
+    untriaged = sum(1 for r in reports if TRITON_FILE not in r or "other_kernel" in r)
+    assert step.line.endswith(f"; {untriaged} of {len(reports)} findings not in Triton's reductions")
 
 
 SAMPLE_TESTS = {
