@@ -120,6 +120,8 @@ DRY_TESTS = ["-k", "test_public_shapes_and_reference_impl or test_kl_matches_tor
              "test_cuda_graph_replay_draws_fresh_noise", "tests/test_latent.py"]  # fmt: skip
 DRY_SUITE = ["tests/test_packaging.py"]
 GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs (--cuda-graphs)
+FAILED_OUTCOMES = ("failed", "error", "xpassed", "crashed", "faulted")  # a test step's failures in tests.json
+REPORT_TAIL_CHARS = 3000  # of a crashed test process's output, as its failure's report
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 SANITIZER_ERROR_EXIT = 99  # --error-exitcode: the tool's exit status when it found something
 KERNELS_DIR = ROOT / "fastvae" / "kernels"
@@ -320,18 +322,25 @@ def step_environment(kit: Kit, step: Step) -> None:
         step.line = f"no CUDA device here ({env['device']}): a GPU check needs one; --dry-run runs the kit on the CPU"
 
 
-def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
-    """A test step's record in tests.json from the plugin's lines: counts, failures in the order they came
-    with their first lines and tracebacks, skips by reason, and the test running when the run stopped (one
-    started and not finished: the deadline or a crash came in it)."""
-    collected, records, started, finished = None, [], [], set()
-    for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
+def read_jsonl(jsonl: Path, start: int = 0) -> list[dict]:
+    """The plugin's records in `jsonl` from line `start` on (a line cut off by the deadline is left out)."""
+    records = []
+    for line in jsonl.read_text().splitlines()[start:] if jsonl.exists() else []:
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
-            continue  # a line cut off by the deadline
-        if "collected" in record:
-            collected = record["collected"]
+            continue
+    return records
+
+
+def summarize_tests(jsonl: Path, command: str, run: Run, processes: int = 1) -> dict:
+    """A test step's record in tests.json from the plugin's lines: counts, failures in the order they came
+    with their first lines and tracebacks (a crashed or faulted test among them), skips by reason, and the
+    test running when the run stopped (one started and not finished: the deadline came in it)."""
+    collected, records, started, finished = None, [], [], set()
+    for record in read_jsonl(jsonl):
+        if "collected" in record:  # the first process's: every test; a resumed one's counts what is left
+            collected = record["collected"] if collected is None else collected
         elif "started" in record:
             started.append(record["started"])
         elif "finished" in record:
@@ -350,6 +359,7 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
         "exit_status": run.returncode,
         "cut": run.cut,
         "seconds": round(run.seconds, 1),
+        "processes": processes,
         "collected": collected,
         "ran": ran,
         "not_reached": None if collected is None else max(0, collected - ran),
@@ -357,22 +367,71 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
         "last_finished": next((test for test in reversed(started) if test in finished), None),
         "counts": counts,
         "failures": [{k: r.get(k, "") for k in ("test", "when", "line", "report")} for r in records
-                     if r["outcome"] in ("failed", "error", "xpassed")],  # fmt: skip
+                     if r["outcome"] in FAILED_OUTCOMES],  # fmt: skip
         "skips": [{"reason": reason, "count": n} for reason, n in sorted(skips.items(), key=lambda kv: -kv[1])],
         "slowest": sorted(({"test": r["test"], "seconds": r["seconds"]} for r in records),
                           key=lambda r: -r["seconds"])[:10],  # fmt: skip
     }
 
 
+def stopped_in(jsonl: Path, start: int, run: Run) -> str | None:
+    """The test that ended the pytest process whose lines begin at line `start` of `jsonl`, if one did and
+    tests are left after it: one that left the CUDA context broken (its "faulted" outcome), or one that the
+    process died in (started, not finished), whose "crashed" outcome and end are then added to `jsonl`."""
+    if run.cut:
+        return None
+    records = read_jsonl(jsonl, start)
+    started = [r["started"] for r in records if "started" in r]
+    finished = {r["finished"] for r in records if "finished" in r}
+    collected = next((r["collected"] for r in records if "collected" in r), 0)
+    faulted = [r["test"] for r in records if r.get("outcome") == "faulted"]
+    crashed = [test for test in started if test not in finished]
+    if faulted:
+        test = faulted[-1]
+    elif crashed:
+        test = crashed[-1]
+        how = (f"killed by {signal.Signals(-run.returncode).name}" if run.returncode < 0 and
+               -run.returncode in signal.valid_signals() else f"exited with status {run.returncode}")  # fmt: skip
+        line = f"the test process {how} in this test"
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({"test": test, "outcome": "crashed", "when": "call", "seconds": 0.0, "line": line,
+                                "report": clip(run.output, REPORT_TAIL_CHARS)}) + "\n")  # fmt: skip
+            f.write(json.dumps({"finished": test}) + "\n")
+    else:
+        return None
+    return test if started.index(test) + 1 < collected else None
+
+
 def run_pytest(kit: Kit, step: Step, selection: list[str], note: str = "") -> None:
     """Run pytest on `selection` with the outcomes plugin; add the step's record to tests.json (under its
-    name) and settle the step: its counts, `note`, the test running when it stopped, the first failure."""
+    name) and settle the step: its counts, `note`, the test running when it stopped, the first failure.
+
+    A test that crashes its process (a signal, an exit) or leaves the CUDA context broken ends that pytest
+    process: it is recorded as that test's failure, and a new process goes on after it (--resume-after),
+    within the step's deadline, so that one fault does not fail, or hide, the tests after it."""
     jsonl = kit.scratch / f"{step.name}.jsonl"
-    run = kit.python(*PYTEST, "--outcomes-jsonl", str(jsonl), *selection)
-    tests = summarize_tests(jsonl, step.commands[-1], run)
+    runs: list[Run] = []
+    resume: list[str] = []
+    while True:
+        start = len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
+        # OPTION=VALUE: pytest takes an existing path among its words for a test path, to find its rootdir
+        # (and so the tests' ids) by, unless the word starts with "-"
+        runs.append(kit.python(*PYTEST, f"--outcomes-jsonl={jsonl}", *resume, *selection))
+        after = stopped_in(jsonl, start, runs[-1])
+        if after is None:
+            break
+        resume = [f"--resume-after={after}"]
+    output = "\n".join(r.output for r in runs)
+    step.log_tail = clip(output, LOG_TAIL_CHARS)
+    last = runs[-1]
+    code = 1 if len(runs) > 1 and last.returncode in (0, 5) else last.returncode  # 5: nothing left to run
+    run = Run(code, sum(r.seconds for r in runs), output)
+    tests = summarize_tests(jsonl, step.commands[0], run, len(runs))
     path = kit.out / FILES[step.name]
     path.write_text(json.dumps({**(read_json(path) or {}), step.name: tests}, indent=2))
     line = "; ".join(part for part in (report.tests_line(tests), note) if part)
+    if len(runs) > 1:
+        line += f"; {len(runs)} test processes (a crash or CUDA fault ended each before the last)"
     if tests["running"]:
         line += f"; running when it stopped: {tests['running']}"
     if tests["failures"]:

@@ -350,36 +350,57 @@ SAMPLE_TESTS = {
     "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
     "@pytest.mark.gpu\ndef test_on_gpu():\n    pass\n",
     "test_two.py": "import os, signal\ndef test_other():\n    pass\n"
-    "def test_crashes():\n    os.kill(os.getpid(), signal.SIGKILL)\n",
-    "test_three.py": "def test_not_chosen():\n    pass\n",
+    "def test_crashes():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "def test_after_the_crash():\n    pass\n",
+    # A stand-in for a test that leaves the CUDA context broken (an illegal address): from then on, every
+    # synchronisation of this process's device fails.
+    "test_three.py": "import torch\n"
+    "def test_breaks_the_context():\n"
+    "    def broken():\n"
+    "        raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+    "    torch.cuda.is_initialized, torch.cuda.synchronize = lambda: True, broken\n"
+    "def test_after_the_fault():\n    assert not torch.cuda.is_initialized()\n",
+    "test_four.py": "def test_not_chosen():\n    pass\n",
 }
 
 
-def test_the_tests_run_in_the_kits_order_and_their_failures_and_crash_are_recorded(tmp_path):
+def test_the_tests_run_in_order_and_a_crash_or_cuda_fault_is_that_tests_and_the_rest_still_run(tmp_path):
     """--first-gpu-then: the gpu-marked test first, then the files in the order named, the rest deselected;
-    a failure keeps its short traceback; a crash leaves the test it was in as running."""
+    a failure keeps its short traceback. A test that kills its process, and one that leaves the CUDA context
+    broken, are each recorded as that test's failure, and a new process runs the tests after it."""
+    tests_dir = tmp_path / "sample"
+    tests_dir.mkdir()
     for name, text in SAMPLE_TESTS.items():
-        (tmp_path / name).write_text(text)
-    jsonl = tmp_path / "outcomes.jsonl"
-    argv = [sys.executable, *gpu_check.PYTEST, "--outcomes-jsonl", str(jsonl), "--first-gpu-then",
-            "test_one.py,test_two.py", "."]  # fmt: skip
-    completed = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert completed.returncode == -9, completed.stdout + completed.stderr  # SIGKILL in test_crashes
-    started = [json.loads(line)["started"] for line in jsonl.read_text().splitlines() if "started" in line]
-    assert started == ["test_one.py::test_on_gpu", "test_one.py::test_passes", "test_one.py::test_fails",
-                       "test_one.py::test_skipped", "test_two.py::test_other", "test_two.py::test_crashes"]  # fmt: skip
-    tests = gpu_check.summarize_tests(jsonl, "pytest", gpu_check.Run(completed.returncode, 1.0, completed.stdout))
-    assert tests["collected"] == 6 and tests["counts"] == {"passed": 3, "failed": 1, "skipped": 1}
-    assert (tests["running"], tests["last_finished"]) == ("test_two.py::test_crashes", "test_two.py::test_other")
-    (failure,) = tests["failures"]
-    assert (failure["test"], failure["line"]) == ("test_one.py::test_fails", "AssertionError: one is not two")
-    assert "test_one.py:5: in test_fails\n    assert 1 == 2, 'one is not two'" in failure["report"]  # --tb=short
+        (tests_dir / name).write_text(text)
+    kit = gpu_check.Kit(gpu_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--steps", "tests"]))
+    kit.out.mkdir()
+    step = kit.steps[1]
+    try:
+        kit.current = step
+        gpu_check.run_pytest(kit, step, ["--first-gpu-then", "test_one.py,test_two.py,test_three.py", str(tests_dir)])
+        jsonl = (kit.scratch / "tests.jsonl").read_text()
+    finally:
+        shutil.rmtree(kit.scratch)
+    started = [json.loads(line)["started"].split("::")[1] for line in jsonl.splitlines() if "started" in line]
+    assert started == ["test_on_gpu", "test_passes", "test_fails", "test_skipped", "test_other", "test_crashes",
+                       "test_after_the_crash", "test_breaks_the_context", "test_after_the_fault"]  # fmt: skip
+    assert len(step.commands) == 3 and "--resume-after" not in step.commands[0]
+    assert "--resume-after=test_two.py::test_crashes " in step.commands[1]
+    assert "--resume-after=test_three.py::test_breaks_the_context " in step.commands[2]
+    tests = json.loads((kit.out / "tests.json").read_text())["tests"]
+    assert tests["collected"] == 9 and tests["processes"] == 3 and tests["running"] is None
+    assert tests["counts"] == {"passed": 6, "failed": 1, "skipped": 1, "crashed": 1, "faulted": 1}
+    failures = [(f["test"].split("::")[1], f["when"], f["line"]) for f in tests["failures"]]
+    assert failures == [("test_fails", "call", "AssertionError: one is not two"),
+                        ("test_crashes", "call", "the test process killed by SIGKILL in this test"),
+                        ("test_breaks_the_context", "teardown",
+                         "CUDA error: an illegal memory access was encountered")]  # fmt: skip
+    assert "test_one.py:5: in test_fails\n    assert 1 == 2, 'one is not two'" in tests["failures"][0]["report"]
     assert tests["skips"] == [{"reason": "not here", "count": 1}]
+    assert step.status == "failed"
+    assert "9 of 9 tests ran" in step.line and "3 test processes (a crash or CUDA fault ended each" in step.line
     summary = "\n".join(report.tests_markdown(tests))
-    running = "Running when it stopped: `test_two.py::test_crashes` (the last to finish: `test_two.py::test_other`)"
-    assert running in summary
-    assert f"```text\n{failure['report'].strip()}\n```" in summary
+    assert "| `test_two.py::test_crashes` | call | the test process killed by SIGKILL in this test |" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
