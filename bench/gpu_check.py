@@ -16,9 +16,16 @@ failing step is recorded; either way the kit goes on to the next. The steps, in 
   environment       always, first: GPU, driver, CUDA, torch, triton, commit; the measured device copy bandwidth
   tests             with TRITON_INTERPRET unset, every gpu-marked test of tests/ first (what `-m gpu`
                     selects), then the kernels' tests, KERNEL_TESTS in that order (parity with the reference
-                    first, the slow test_compile.py last), every outcome recorded as it happens
+                    first, the slow test_compile.py last), every outcome recorded as it happens; a test
+                    that kills its process or leaves the CUDA context broken is that test's failure
+                    (crashed, faulted), and a new pytest process runs the tests after it
   sanitizer         compute-sanitizer memcheck and racecheck over bench.sanitize_kernels (every kernel,
-                    forward and backward, at tail and unaligned shapes); skipped without compute-sanitizer
+                    forward and backward, at tail and unaligned shapes); passed only when the kernels ran
+                    on CUDA under the tool; skipped, with the reason, without compute-sanitizer, when the
+                    tool refuses the device or CUDA does not initialise under it; racecheck's findings in
+                    Triton's own reductions (triton-lang/triton#7264) are triaged, kept in sanitizer.txt
+  nccl              bench.gpu_check_nccl: 1-process torchrun jobs of fastvae.train on NCCL, at once: one to
+                    the end, one stopped by SIGTERM, one non-finite; each rank's exit code as documented
   elbo_head         the headline case B=4096, D=784, K=32: fp32 (the target's dtype) first, then bf16; both
                     distributions; eager, compile and fused; as called and replayed from a CUDA graph; peak
                     memory; launches
@@ -40,7 +47,7 @@ commit and command).
 
 --dry-run hides any GPU (CUDA_VISIBLE_DEVICES=""), runs the kernels under Triton's interpreter where a step
 needs them, shrinks every size, and runs three tests of test_latent.py (one gpu-marked: skipped) as the
-tests step and test_packaging.py as the suite.
+tests step and test_packaging.py as the suite; it skips the nccl step (NCCL needs CUDA).
 
 Exit status: 0 every step ran and passed; 1 a step failed or was cut short; 2 a usage error (e.g. --out not
 empty); 3 nothing failed but a step was skipped (e.g. compute-sanitizer missing, as on every dry run).
@@ -79,12 +86,13 @@ ENVIRONMENT_S = 10.0  # the environment step's share of every budget
 # The other steps' shares, in seconds of the default budget's 280 (300 less the reserve and the environment's
 # share), scaled to what --budget leaves for the steps chosen. suite's is all of them: alone, it has the 280 s.
 SHARES = {
-    "tests": 120,
-    "sanitizer": 50,
-    "elbo_head": 50,
+    "tests": 110,
+    "sanitizer": 45,
+    "nccl": 25,
+    "elbo_head": 45,
     "bandwidth": 12,
-    "train_throughput": 30,
-    "host_overhead": 18,
+    "train_throughput": 27,
+    "host_overhead": 16,
     "suite": 280,
 }
 STEPS = ["environment", *SHARES]  # the kit's order
@@ -94,6 +102,7 @@ FILES = {
     "environment": "environment.json",
     "tests": "tests.json",
     "sanitizer": "sanitizer.txt",
+    "nccl": "gpu_check.json",  # its record there (the jobs' lines, in its output's tail) is all it writes
     "elbo_head": "elbo_head.json",
     "bandwidth": "elbo_head.json",
     "train_throughput": "train_throughput.json",
@@ -582,6 +591,19 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
     (kit.out / FILES[step.name]).write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
 
 
+def step_nccl(kit: Kit, step: Step) -> None:
+    """bench.gpu_check_nccl's three 1-process torchrun jobs on NCCL (finished, SIGTERM, non-finite)."""
+    argv = [sys.executable, "-m", "bench.gpu_check_nccl", "--device", "cuda"]
+    if kit.dry_run:
+        step.commands.append(kit.shown(argv))
+        step.status, step.line = "skipped", ("dry run: NCCL needs CUDA; on a GPU, bench.gpu_check_nccl runs a "
+                                             "1-process torchrun job to the end, one stopped by SIGTERM and a "
+                                             "non-finite one")  # fmt: skip
+        return
+    run = kit.run(argv, kit.env(interpret=False))
+    settle(step, run, last_line(run.output), "bench.gpu_check_nccl")
+
+
 def elbo_head(kit: Kit, sizes: tuple[int, int, int], json_path: Path, impls: list[str]) -> Run:
     batch, dim, latent = sizes
     args = ["--batch", str(batch), "--dim", str(dim), "--latent", str(latent), "--impl", *impls]
@@ -663,6 +685,7 @@ ACTIONS: dict[str, Callable[[Kit, Step], None]] = {
     "environment": step_environment,
     "tests": step_tests,
     "sanitizer": step_sanitizer,
+    "nccl": step_nccl,
     "elbo_head": step_elbo_head,
     "bandwidth": step_bandwidth,
     "train_throughput": step_train_throughput,

@@ -76,6 +76,9 @@ def test_dry_run_says_what_it_skipped_and_why(dry_run):
     assert sanitizer["status"] == "skipped"
     assert "dry run: memcheck and racecheck not run" in sanitizer["line"]
     assert "72 cases on the CPU under TRITON_INTERPRET=1: 72 finite, 0 not finite" in sanitizer["line"]
+    nccl = steps["nccl"]
+    assert (nccl["status"], nccl["commands"]) == ("skipped", ["python -m bench.gpu_check_nccl --device cuda"])
+    assert nccl["line"].startswith("dry run: NCCL needs CUDA")
     host = steps["host_overhead"]
     if importlib.util.find_spec("bench.host_overhead") is None:
         assert (host["status"], host["line"]) == ("skipped", "bench.host_overhead is not in this version")
@@ -123,7 +126,7 @@ def test_the_default_run_is_300_s_with_the_gpu_and_kernel_tests_first(capsys):
     """Everything in 300 s: the steps' shares and the reserve add up to it; the tests come right after the
     environment, then the sanitizer, then the benchmarks, the headline first; test_compile.py runs last."""
     assert gpu_check.DEFAULT_BUDGET_S == 300
-    assert gpu_check.DEFAULT_STEPS == ["environment", "tests", "sanitizer", "elbo_head", "bandwidth",
+    assert gpu_check.DEFAULT_STEPS == ["environment", "tests", "sanitizer", "nccl", "elbo_head", "bandwidth",
                                        "train_throughput", "host_overhead"]  # fmt: skip
     shares = gpu_check.shares(gpu_check.DEFAULT_BUDGET_S, gpu_check.DEFAULT_STEPS)
     assert sum(shares.values()) + gpu_check.RESERVE_S == pytest.approx(300)
@@ -135,7 +138,7 @@ def test_the_default_run_is_300_s_with_the_gpu_and_kernel_tests_first(capsys):
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "in at most 5 minutes (a 300 s budget, everything included)" in help_text
-    assert "Shares of the default 300 s budget (10 s of it the reserve): environment 10 s, tests 120 s" in help_text
+    assert "Shares of the default 300 s budget (10 s of it the reserve): environment 10 s, tests 110 s" in help_text
 
 
 def test_steps_reruns_only_the_steps_named_after_the_environment(tmp_path, capsys):
@@ -406,13 +409,14 @@ def test_the_tests_run_in_order_and_a_crash_or_cuda_fault_is_that_tests_and_the_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_without_a_gpu_the_real_run_stops_with_one_line(tmp_path):
     out = tmp_path / "out"
-    result = run_kit("--out", str(out), "--steps", "tests", timeout=120)
+    result = run_kit("--out", str(out), "--steps", "tests,nccl", timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     steps = steps_of(out)
     assert steps["environment"]["status"] == "failed"
     assert "no CUDA device here" in steps["environment"]["line"] and "--dry-run" in steps["environment"]["line"]
-    assert steps["tests"]["status"] == "skipped"
-    assert steps["tests"]["line"] == "no CUDA device (see the environment step)"
+    for name in ("tests", "nccl"):
+        assert steps[name]["status"] == "skipped"
+        assert steps[name]["line"] == "no CUDA device (see the environment step)"
 
 
 def test_out_must_be_an_empty_folder(tmp_path, capsys):
@@ -421,3 +425,52 @@ def test_out_must_be_an_empty_folder(tmp_path, capsys):
         gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"--out {tmp_path} is not an empty folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the nccl step's jobs
+
+
+def test_the_nccl_jobs_are_1_process_torchrun_jobs_of_the_training_cli(tmp_path):
+    from bench import gpu_check_nccl as nccl
+
+    commands = {case: nccl.job_command(case, "cuda", tmp_path / case, tmp_path / "run", 29500) for case in nccl.CASES}
+    for command in commands.values():
+        assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29500"]
+        assert command[5:8] == ["-m", "bench.ddp_stress", "--worker"]  # the rank's own exit code is recorded
+        assert command[command.index("--device") + 1] == "cuda" and "--no-pictures" in command
+        assert command[-2:] == ["--out", str(tmp_path / "run")]
+    assert commands["nonfinite"][-4:-2] == ["--lr", "1e6"]
+    assert commands["SIGTERM"][commands["SIGTERM"].index("--num-train") + 1] == "2048"  # long enough to stop
+    assert nccl.EXPECTED == {"finished": 0, "SIGTERM": 143, "nonfinite": 3}  # docs/training.md's exit codes
+
+
+def test_the_nccl_jobs_are_judged_by_their_ranks_exit_codes_and_the_nccl_group(tmp_path):
+    from bench import gpu_check_nccl as nccl
+
+    ready = "NCCL INFO ncclCommInitRankConfig comm 0x1 rank 0 nranks 1 cudaDev 0 - Init COMPLETE\n"
+    stopped = f"{ready}Interrupted by SIGTERM after step 12; checkpoint written.\n{nccl.RESUME} runs/x\n"
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert nccl.judge("SIGTERM", "cuda", 1, 143, stopped, tmp_path) == []
+    assert nccl.judge("finished", "cuda", 0, 0, ready, tmp_path) == []
+    assert nccl.judge("nonfinite", "cuda", 1, 3, f"{ready}{nccl.DIVERGED}2: ...", tmp_path) == []
+    assert nccl.judge("finished", "cuda", 0, 0, "", tmp_path) == [
+        "no NCCL communicator was set up (NCCL_DEBUG=INFO printed no 'Init COMPLETE')"]  # fmt: skip
+    assert nccl.judge("finished", "cpu", 0, 0, "", tmp_path) == []  # gloo: no NCCL line to look for
+    assert nccl.judge("finished", "cuda", 1, 0, f"{ready}terminate called without an active exception", tmp_path) \
+        == ["output says 'terminate called'", "torchrun exited 1"]  # fmt: skip
+    assert nccl.judge("SIGTERM", "cuda", 1, 1, ready, tmp_path / "none") == [
+        "rank exit code 1, expected 143", "no interruption message and torchrun resume command", "no checkpoint"]
+    assert nccl.judge("nonfinite", "cuda", None, None, ready, tmp_path) == [
+        f"did not end within {nccl.TIMEOUT_S} s", "rank exit code None, expected 3",
+        "no diagnosis of the non-finite step"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_nccl_jobs_end_as_documented_in_a_1_process_gloo_group():
+    """The same jobs on the CPU: a 1-process group (gloo) run to the end, stopped by SIGTERM (the resume
+    command names torchrun: the process was a rank of a group), and stopped by a non-finite loss."""
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check_nccl", "--device", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == ("3 of 3 1-process gloo jobs ended as expected: finished 0, "
+                                              "SIGTERM 143, nonfinite 3 (the ranks' exit codes)")  # fmt: skip
