@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job.case}: {verdict} (rank exit code {job.rank_code}, torchrun {job.returncode}, "
               f"{job.seconds:.0f} s)", flush=True)  # fmt: skip
     good = sum(not job.problems for job in jobs)
-    print(f"{good} of {len(jobs)} 1-process {backend} jobs ended as expected: "
-          + ", ".join(f"{job.case} {job.rank_code}" for job in jobs) + " (the ranks' exit codes)")
+    codes = ", ".join(f"{job.case} {job.rank_code}" for job in jobs)
+    print(f"{good} of {len(jobs)} 1-process {backend} jobs ended as expected: {codes} (the ranks' exit codes)")
     return 0 if good == len(jobs) else 1
 
 
