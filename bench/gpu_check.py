@@ -16,9 +16,16 @@ failing step is recorded; either way the kit goes on to the next. The steps, in 
   environment       always, first: GPU, driver, CUDA, torch, triton, commit; the measured device copy bandwidth
   tests             with TRITON_INTERPRET unset, every gpu-marked test of tests/ first (what `-m gpu`
                     selects), then the kernels' tests, KERNEL_TESTS in that order (parity with the reference
-                    first, the slow test_compile.py last), every outcome recorded as it happens
+                    first, the slow test_compile.py last), every outcome recorded as it happens; a test
+                    that kills its process or leaves the CUDA context broken is that test's failure
+                    (crashed, faulted), and a new pytest process runs the tests after it
   sanitizer         compute-sanitizer memcheck and racecheck over bench.sanitize_kernels (every kernel,
-                    forward and backward, at tail and unaligned shapes); skipped without compute-sanitizer
+                    forward and backward, at tail and unaligned shapes); passed only when the kernels ran
+                    on CUDA under the tool; skipped, with the reason, without compute-sanitizer, when the
+                    tool refuses the device or CUDA does not initialise under it; racecheck's findings in
+                    Triton's own reductions (triton-lang/triton#7264) are triaged, kept in sanitizer.txt
+  nccl              bench.gpu_check_nccl: 1-process torchrun jobs of fastvae.train on NCCL, at once: one to
+                    the end, one stopped by SIGTERM, one non-finite; each rank's exit code as documented
   elbo_head         the headline case B=4096, D=784, K=32: fp32 (the target's dtype) first, then bf16; both
                     distributions; eager, compile and fused; as called and replayed from a CUDA graph; peak
                     memory; launches
@@ -40,7 +47,7 @@ commit and command).
 
 --dry-run hides any GPU (CUDA_VISIBLE_DEVICES=""), runs the kernels under Triton's interpreter where a step
 needs them, shrinks every size, and runs three tests of test_latent.py (one gpu-marked: skipped) as the
-tests step and test_packaging.py as the suite.
+tests step and test_packaging.py as the suite; it skips the nccl step (NCCL needs CUDA).
 
 Exit status: 0 every step ran and passed; 1 a step failed or was cut short; 2 a usage error (e.g. --out not
 empty); 3 nothing failed but a step was skipped (e.g. compute-sanitizer missing, as on every dry run).
@@ -49,9 +56,11 @@ empty); 3 nothing failed but a step was skipped (e.g. compute-sanitizer missing,
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -77,12 +86,13 @@ ENVIRONMENT_S = 10.0  # the environment step's share of every budget
 # The other steps' shares, in seconds of the default budget's 280 (300 less the reserve and the environment's
 # share), scaled to what --budget leaves for the steps chosen. suite's is all of them: alone, it has the 280 s.
 SHARES = {
-    "tests": 120,
-    "sanitizer": 50,
-    "elbo_head": 50,
+    "tests": 110,
+    "sanitizer": 45,
+    "nccl": 25,
+    "elbo_head": 45,
     "bandwidth": 12,
-    "train_throughput": 30,
-    "host_overhead": 18,
+    "train_throughput": 27,
+    "host_overhead": 16,
     "suite": 280,
 }
 STEPS = ["environment", *SHARES]  # the kit's order
@@ -92,6 +102,7 @@ FILES = {
     "environment": "environment.json",
     "tests": "tests.json",
     "sanitizer": "sanitizer.txt",
+    "nccl": "gpu_check.json",  # its record there (the jobs' lines, in its output's tail) is all it writes
     "elbo_head": "elbo_head.json",
     "bandwidth": "elbo_head.json",
     "train_throughput": "train_throughput.json",
@@ -118,7 +129,16 @@ DRY_TESTS = ["-k", "test_public_shapes_and_reference_impl or test_kl_matches_tor
              "test_cuda_graph_replay_draws_fresh_noise", "tests/test_latent.py"]  # fmt: skip
 DRY_SUITE = ["tests/test_packaging.py"]
 GRAPH_SYSTEMS = ("reference+graphs", "fused+graphs")  # whole-step CUDA graphs (--cuda-graphs)
+FAILED_OUTCOMES = ("failed", "error", "xpassed", "crashed", "faulted")  # a test step's failures in tests.json
+REPORT_TAIL_CHARS = 3000  # of a crashed test process's output, as its failure's report
 SANITIZER_TOOLS = ("memcheck", "racecheck")
+SANITIZER_ERROR_EXIT = 99  # --error-exitcode: the tool's exit status when it found something
+KERNELS_DIR = ROOT / "fastvae" / "kernels"
+TRITON_RACE_ISSUE = "triton-lang/triton#7264"
+TRITON_LIBRARY = "/triton/language/"  # Triton's own code, where a reduction's shared-memory traffic is placed
+# racecheck's report of a shared-memory race: each access at KERNEL+OFFSET in FILE:LINE.
+RACE = re.compile(r"(?:error|warning): race reported between \w+ access at (\S+?)\+0x[0-9a-f]+ in (\S+):\d+ "
+                  r"and \w+ access at (\S+?)\+0x[0-9a-f]+ in (\S+):\d+(?: \[\d+ hazards?\])?", re.IGNORECASE)
 MEMCHECK_PART = 0.6  # memcheck's part of the sanitizer step's time; racecheck has the rest
 
 
@@ -311,18 +331,25 @@ def step_environment(kit: Kit, step: Step) -> None:
         step.line = f"no CUDA device here ({env['device']}): a GPU check needs one; --dry-run runs the kit on the CPU"
 
 
-def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
-    """A test step's record in tests.json from the plugin's lines: counts, failures in the order they came
-    with their first lines and tracebacks, skips by reason, and the test running when the run stopped (one
-    started and not finished: the deadline or a crash came in it)."""
-    collected, records, started, finished = None, [], [], set()
-    for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
+def read_jsonl(jsonl: Path, start: int = 0) -> list[dict]:
+    """The plugin's records in `jsonl` from line `start` on (a line cut off by the deadline is left out)."""
+    records = []
+    for line in jsonl.read_text().splitlines()[start:] if jsonl.exists() else []:
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
-            continue  # a line cut off by the deadline
-        if "collected" in record:
-            collected = record["collected"]
+            continue
+    return records
+
+
+def summarize_tests(jsonl: Path, command: str, run: Run, processes: int = 1) -> dict:
+    """A test step's record in tests.json from the plugin's lines: counts, failures in the order they came
+    with their first lines and tracebacks (a crashed or faulted test among them), skips by reason, and the
+    test running when the run stopped (one started and not finished: the deadline came in it)."""
+    collected, records, started, finished = None, [], [], set()
+    for record in read_jsonl(jsonl):
+        if "collected" in record:  # the first process's: every test; a resumed one's counts what is left
+            collected = record["collected"] if collected is None else collected
         elif "started" in record:
             started.append(record["started"])
         elif "finished" in record:
@@ -341,6 +368,7 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
         "exit_status": run.returncode,
         "cut": run.cut,
         "seconds": round(run.seconds, 1),
+        "processes": processes,
         "collected": collected,
         "ran": ran,
         "not_reached": None if collected is None else max(0, collected - ran),
@@ -348,22 +376,71 @@ def summarize_tests(jsonl: Path, command: str, run: Run) -> dict:
         "last_finished": next((test for test in reversed(started) if test in finished), None),
         "counts": counts,
         "failures": [{k: r.get(k, "") for k in ("test", "when", "line", "report")} for r in records
-                     if r["outcome"] in ("failed", "error", "xpassed")],  # fmt: skip
+                     if r["outcome"] in FAILED_OUTCOMES],  # fmt: skip
         "skips": [{"reason": reason, "count": n} for reason, n in sorted(skips.items(), key=lambda kv: -kv[1])],
         "slowest": sorted(({"test": r["test"], "seconds": r["seconds"]} for r in records),
                           key=lambda r: -r["seconds"])[:10],  # fmt: skip
     }
 
 
+def stopped_in(jsonl: Path, start: int, run: Run) -> str | None:
+    """The test that ended the pytest process whose lines begin at line `start` of `jsonl`, if one did and
+    tests are left after it: one that left the CUDA context broken (its "faulted" outcome), or one that the
+    process died in (started, not finished), whose "crashed" outcome and end are then added to `jsonl`."""
+    if run.cut:
+        return None
+    records = read_jsonl(jsonl, start)
+    started = [r["started"] for r in records if "started" in r]
+    finished = {r["finished"] for r in records if "finished" in r}
+    collected = next((r["collected"] for r in records if "collected" in r), 0)
+    faulted = [r["test"] for r in records if r.get("outcome") == "faulted"]
+    crashed = [test for test in started if test not in finished]
+    if faulted:
+        test = faulted[-1]
+    elif crashed:
+        test = crashed[-1]
+        how = (f"killed by {signal.Signals(-run.returncode).name}" if run.returncode < 0 and
+               -run.returncode in signal.valid_signals() else f"exited with status {run.returncode}")  # fmt: skip
+        line = f"the test process {how} in this test"
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({"test": test, "outcome": "crashed", "when": "call", "seconds": 0.0, "line": line,
+                                "report": clip(run.output, REPORT_TAIL_CHARS)}) + "\n")  # fmt: skip
+            f.write(json.dumps({"finished": test}) + "\n")
+    else:
+        return None
+    return test if started.index(test) + 1 < collected else None
+
+
 def run_pytest(kit: Kit, step: Step, selection: list[str], note: str = "") -> None:
     """Run pytest on `selection` with the outcomes plugin; add the step's record to tests.json (under its
-    name) and settle the step: its counts, `note`, the test running when it stopped, the first failure."""
+    name) and settle the step: its counts, `note`, the test running when it stopped, the first failure.
+
+    A test that crashes its process (a signal, an exit) or leaves the CUDA context broken ends that pytest
+    process: it is recorded as that test's failure, and a new process goes on after it (--resume-after),
+    within the step's deadline, so that one fault does not fail, or hide, the tests after it."""
     jsonl = kit.scratch / f"{step.name}.jsonl"
-    run = kit.python(*PYTEST, "--outcomes-jsonl", str(jsonl), *selection)
-    tests = summarize_tests(jsonl, step.commands[-1], run)
+    runs: list[Run] = []
+    resume: list[str] = []
+    while True:
+        start = len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
+        # OPTION=VALUE: pytest takes an existing path among its words for a test path, to find its rootdir
+        # (and so the tests' ids) by, unless the word starts with "-"
+        runs.append(kit.python(*PYTEST, f"--outcomes-jsonl={jsonl}", *resume, *selection))
+        after = stopped_in(jsonl, start, runs[-1])
+        if after is None:
+            break
+        resume = [f"--resume-after={after}"]
+    output = "\n".join(r.output for r in runs)
+    step.log_tail = clip(output, LOG_TAIL_CHARS)
+    last = runs[-1]
+    code = 1 if len(runs) > 1 and last.returncode in (0, 5) else last.returncode  # 5: nothing left to run
+    run = Run(code, sum(r.seconds for r in runs), output)
+    tests = summarize_tests(jsonl, step.commands[0], run, len(runs))
     path = kit.out / FILES[step.name]
     path.write_text(json.dumps({**(read_json(path) or {}), step.name: tests}, indent=2))
     line = "; ".join(part for part in (report.tests_line(tests), note) if part)
+    if len(runs) > 1:
+        line += f"; {len(runs)} test processes (a crash or CUDA fault ended each before the last)"
     if tests["running"]:
         line += f"; running when it stopped: {tests['running']}"
     if tests["failures"]:
@@ -399,6 +476,83 @@ def compute_sanitizer() -> str | None:
     return None
 
 
+def triton_kernels() -> set[str]:
+    """The names of fastvae's Triton kernels (its `@triton.jit` functions): what a report names a kernel by."""
+    names = set()
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+def racecheck_findings(output: str) -> list[str]:
+    """racecheck's findings in `output`: each an `Error:` or `Warning:` line (any case) with the indented
+    lines that continue it, the `=========` prefixes dropped and the lines joined by a space."""
+    findings: list[str] = []
+    open_finding = False
+    for raw in output.splitlines():
+        if not raw.startswith("========="):
+            open_finding = False
+            continue
+        body = raw.lstrip("=")
+        text = body.strip()
+        if re.match(r"(error|warning)\b", text, re.IGNORECASE):
+            findings.append(text)
+            open_finding = True
+        elif open_finding and text and body.startswith(" " * 2) and "SUMMARY" not in text:
+            findings[-1] += " " + text
+        else:
+            open_finding = False
+    return findings
+
+
+def in_triton_reduction(finding: str, kernels: set[str]) -> bool:
+    """Whether a racecheck finding is one that triton-lang/triton#7264 explains: a race between two
+    shared-memory accesses (racecheck's "Race reported between" form) that both lie in one of fastvae's
+    Triton kernels and in Triton's own library code (triton/language/: the reduction a kernel's tl.sum or
+    tl.max expands into), not in a line of fastvae. Anything else is not."""
+    match = RACE.fullmatch(finding)
+    if match is None:
+        return False
+    kernel_a, file_a, kernel_b, file_b = match.groups()
+    return {kernel_a, kernel_b} <= kernels and all(TRITON_LIBRARY in f.replace(os.sep, "/") for f in (file_a, file_b))
+
+
+def sanitizer_verdict(tool: str, run: Run) -> tuple[str, str, list[str]]:
+    """A compute-sanitizer run's status (passed, failed, cut or skipped), its line, and the racecheck
+    findings it triaged as Triton's own (passed with them). It passes only when bench.sanitize_kernels said
+    its cases ran on CUDA; a tool that refuses the device, or a CUDA that does not initialise under it,
+    is skipped with the reason."""
+    from bench.sanitize_kernels import NO_CUDA, ON_CUDA
+
+    lines = [line.strip("= \t") for line in run.output.splitlines()]
+    refused = next((line for line in lines if "device not supported" in line.lower()), None)
+    if refused is not None:
+        return "skipped", f"{tool}: compute-sanitizer refused the device: {refused}", []
+    no_cuda = next((line for line in lines if line.startswith(NO_CUDA)), None)
+    if no_cuda is not None:
+        return "skipped", f"{tool}: CUDA did not initialise under compute-sanitizer: {no_cuda[len(NO_CUDA):]}", []
+    summary = "; ".join(line for line in lines if "SUMMARY" in line) or last_line(run.output)
+    if run.cut:
+        return "cut", f"{tool}: cut short at the step's deadline after {run.seconds:.0f} s; {summary}", []
+    finished = next((line for line in reversed(lines) if ON_CUDA in line), None)
+    if finished is None:
+        return "failed", f"{tool}: exit status {run.returncode}; the kernels did not all run on CUDA: {summary}", []
+    if run.returncode == 0:
+        return "passed", f"{tool}: {summary}; {finished}", []
+    findings = racecheck_findings(run.output) if tool == "racecheck" else []
+    kernels = triton_kernels()
+    triaged = [f for f in findings if in_triton_reduction(f, kernels)]
+    if run.returncode == SANITIZER_ERROR_EXIT and findings and triaged == findings and " 0 not finite" in finished:
+        return "passed", (f"{tool}: {len(triaged)} findings, all in Triton's own reductions inside fastvae's "
+                          f"kernels ({TRITON_RACE_ISSUE}, open): triaged, not a failure, kept in "
+                          f"{FILES['sanitizer']}; {finished}"), triaged  # fmt: skip
+    untriaged = len(findings) - len(triaged)
+    more = f"; {untriaged} of {len(findings)} findings not in Triton's reductions" if untriaged else ""
+    return "failed", f"{tool}: exit status {run.returncode}; {summary}{more}", []
+
+
 def step_sanitizer(kit: Kit, step: Step) -> None:
     sanitizer = None if kit.dry_run else compute_sanitizer()
     sections = []
@@ -413,21 +567,41 @@ def step_sanitizer(kit: Kit, step: Step) -> None:
             step.line = f"{why}: memcheck and racecheck not run; bench.sanitize_kernels ran without them: {step.line}"
     else:
         env = {**kit.env(), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation
-        results = []
+        verdicts, triaged = [], []
         for tool in SANITIZER_TOOLS:
-            argv = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--report-api-errors", "no",
-                    "--print-limit", "100", sys.executable, "-m", "bench.sanitize_kernels"]  # fmt: skip
+            argv = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT), "--report-api-errors",
+                    "no", "--print-limit", "100", sys.executable, "-m", "bench.sanitize_kernels",
+                    "--require-cuda"]  # fmt: skip
             run = kit.run(argv, env, timeout=kit.remaining() * MEMCHECK_PART if tool == "memcheck" else None)
-            found = [line.strip("= \t") for line in run.output.splitlines() if "SUMMARY" in line]
-            verdict = "cut short" if run.cut else f"exit status {run.returncode}"
-            results.append((run, f"{tool}: {verdict}; {'; '.join(found) or last_line(run.output)}"))
-            sections.append(f"== {step.commands[-1]} ({verdict}, {run.seconds:.0f} s)\n{run.output}")
-        runs = [run for run, _ in results]
-        step.status = ("failed" if any(r.returncode not in (0, None) for r in runs)
-                       else "cut" if any(r.cut for r in runs) else "passed")  # fmt: skip
-        step.line = " | ".join(line for _, line in results)
+            status, line, found = sanitizer_verdict(tool, run)
+            verdicts.append((status, line))
+            triaged += found
+            sections.append(f"== {step.commands[-1]} ({status}, {run.seconds:.0f} s)\n{run.output}")
+            if status == "skipped":  # the other tool would meet the same device
+                break
+        statuses = {status for status, _ in verdicts}
+        step.status = next(s for s in ("failed", "cut", "skipped", "passed") if s in statuses)
+        step.line = " | ".join(line for _, line in verdicts)
+        if triaged:
+            note = (f"== racecheck findings triaged as Triton's own reductions ({TRITON_RACE_ISSUE}: butterfly "
+                    f"shuffles whose threads write slightly different sums to one shared-memory slot), not a "
+                    f"failure; each names a fastvae kernel and a line of triton/language/:")  # fmt: skip
+            sections.insert(0, "\n".join([note, *triaged]))
     limit = MAX_FILE_BYTES // (4 * len(sections))  # characters: up to 4 bytes each
     (kit.out / FILES[step.name]).write_text("\n\n".join(clip(s, limit) for s in sections) + "\n")
+
+
+def step_nccl(kit: Kit, step: Step) -> None:
+    """bench.gpu_check_nccl's three 1-process torchrun jobs on NCCL (finished, SIGTERM, non-finite)."""
+    argv = [sys.executable, "-m", "bench.gpu_check_nccl", "--device", "cuda"]
+    if kit.dry_run:
+        step.commands.append(kit.shown(argv))
+        step.status, step.line = "skipped", ("dry run: NCCL needs CUDA; on a GPU, bench.gpu_check_nccl runs a "
+                                             "1-process torchrun job to the end, one stopped by SIGTERM and a "
+                                             "non-finite one")  # fmt: skip
+        return
+    run = kit.run(argv, kit.env(interpret=False))
+    settle(step, run, last_line(run.output), "bench.gpu_check_nccl")
 
 
 def elbo_head(kit: Kit, sizes: tuple[int, int, int], json_path: Path, impls: list[str]) -> Run:
@@ -511,6 +685,7 @@ ACTIONS: dict[str, Callable[[Kit, Step], None]] = {
     "environment": step_environment,
     "tests": step_tests,
     "sanitizer": step_sanitizer,
+    "nccl": step_nccl,
     "elbo_head": step_elbo_head,
     "bandwidth": step_bandwidth,
     "train_throughput": step_train_throughput,

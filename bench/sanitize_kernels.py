@@ -3,6 +3,7 @@
 
     compute-sanitizer --tool memcheck python -m bench.sanitize_kernels
     python -m bench.sanitize_kernels [--dtype fp32]   # no CUDA device: under Triton's interpreter
+    compute-sanitizer ... python -m bench.sanitize_kernels --require-cuda   # stop, with the reason, without CUDA
 
 Through the public ops (impl="triton"), so each call reaches the kernels the way a user's does:
   latent      `sample_latent_iw` forward and backward with gradients on z, kl and log_ratio (two kernels)
@@ -18,24 +19,51 @@ Not reached: the latent kernels' 64-bit noise counter, compiled only for S*B*K >
 
 Every output and gradient must be finite. For memcheck, run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: with
 torch's caching allocator a tensor lies inside a larger block, where an out-of-bounds access goes unseen.
-Exit status 0 when every case ran, 1 when an output was not finite.
+Exit status 0 when every case ran, 1 when an output was not finite. With --require-cuda (as bench.gpu_check
+runs it under the tool), a process where CUDA is not usable prints one line, `no CUDA under this run:
+REASON` (torch's warning, e.g. error 999 from cudaGetDeviceCount when the tool's container runtime hides the
+device, or its error at initialisation), and exits with 4 (NO_CUDA_EXIT) without running a case: the
+kernels would otherwise run on the CPU under the interpreter, where the tool sees none of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-if not torch.cuda.is_available():  # before triton loads: the kernels then run under the interpreter
+NO_CUDA = "no CUDA under this run: "  # --require-cuda's line without CUDA, before the reason
+NO_CUDA_EXIT = 4
+ON_CUDA = "cases on CUDA:"  # in the last line of a run whose kernels ran on CUDA
+
+
+def cuda_status() -> tuple[bool, str]:
+    """Whether CUDA is usable in this process and, if not, why: torch's warning (torch only warns when the
+    driver fails, e.g. error 999), its error at initialisation, or that it sees no device."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return True, ""
+    reasons = [str(w.message) for w in caught]
+    if not reasons:
+        try:
+            torch.cuda.init()
+        except (RuntimeError, AssertionError) as err:
+            reasons.append(str(err))
+    return False, " ".join(" ".join(reasons).split()) or "torch sees no CUDA device"
+
+
+CUDA_OK, NO_CUDA_REASON = cuda_status()
+if not CUDA_OK:  # before triton loads: the kernels then run under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastvae  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device("cuda" if CUDA_OK else "cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LATENT_SHAPES = [(1, 1), (7, 3), (33, 129)]  # (B, K)
 LIKELIHOOD_SHAPES = [(1, 1), (5, 33), (3, 1031)]  # (B, D); 1031 > the GPU's largest block of D (1024)
@@ -127,7 +155,12 @@ def run_likelihood(case: Case, g: torch.Generator) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--require-cuda", action="store_true",
+                   help=f"without usable CUDA, print why and exit with {NO_CUDA_EXIT} instead of running the cases")
     args = p.parse_args(argv)
+    if args.require_cuda and not CUDA_OK:
+        print(f"{NO_CUDA}{NO_CUDA_REASON}", flush=True)
+        return NO_CUDA_EXIT
     g = torch.Generator().manual_seed(0)
     bad = 0
     all_cases = list(cases(args.dtype))
@@ -139,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         bad += not finite
         print(f"{case}: {'ok' if finite else 'NOT FINITE'}", flush=True)
     where = "CUDA" if DEVICE.type == "cuda" else "the CPU under TRITON_INTERPRET=1"
-    print(f"{len(all_cases)} cases on {where}: {len(all_cases) - bad} finite, {bad} not finite")
+    print(f"{len(all_cases)} cases on {where}: {len(all_cases) - bad} finite, {bad} not finite")  # ON_CUDA
     return 1 if bad else 0
 
 

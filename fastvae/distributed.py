@@ -3,7 +3,9 @@
 `torchrun --nproc_per_node=N -m fastvae.train ...` starts N processes (ranks) per node and tells each,
 through environment variables, its global RANK, the WORLD_SIZE and its LOCAL_RANK on the node.
 `DistributedContext.from_env()` reads them; without them (a plain `python -m fastvae.train`) it is the
-single-process context, whose collectives are no-ops, so the training code has one path for both.
+single-process context, whose collectives are no-ops, so the training code has one path for both. Under
+torchrun a process joins the group even alone (N = 1): its collectives, signal agreement and shutdown are
+those of N ranks, which is what one GPU can run of NCCL.
 
 Each rank runs on `cuda:LOCAL_RANK` with the NCCL backend, or on the CPU with gloo. See docs/distributed.md
 for what is per rank and what is global.
@@ -52,11 +54,13 @@ class DistributedContext:
     """This process's place in a data-parallel run: `rank` of `world_size`, `local_rank` on its node.
 
     The default, `DistributedContext()`, is a single process (rank 0 of 1): every collective is a no-op.
+    `launched`: started by torchrun, so the process joins a process group even as the only rank.
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size or self.local_rank < 0:
@@ -69,16 +73,19 @@ class DistributedContext:
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistributedContext:
         """The context torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK (default: os.environ).
 
-        Without WORLD_SIZE it is the single process. Raises ValueError for values that make no sense.
+        Without WORLD_SIZE it is the single process; with it, a rank of a group (of one, with WORLD_SIZE=1).
+        Raises ValueError for values that make no sense.
         """
         env = os.environ if env is None else env
         world_size = _env_int(env, "WORLD_SIZE", 1)
         rank = _env_int(env, "RANK", 0)
-        return cls(rank=rank, world_size=world_size, local_rank=_env_int(env, "LOCAL_RANK", rank))
+        launched = env.get("WORLD_SIZE", "") != ""
+        return cls(rank=rank, world_size=world_size, local_rank=_env_int(env, "LOCAL_RANK", rank), launched=launched)
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is a rank of a process group: more than one rank, or started by torchrun."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -160,12 +167,19 @@ class DistributedContext:
         no longer take the GIL and aborts the process. So: collect those cycles, wait for every rank
         (`completed`: a failed rank does not wait for ranks that may never arrive), then destroy the group,
         which joins its threads while the interpreter is fully alive.
+
+        A failed rank (not `completed`: an error, a lost peer, a stop by signal or --stop-after) of an NCCL
+        group aborts the group instead (ncclCommAbort): destroying it finalises its communicators, which
+        may wait for collectives that a lost peer never joins. gloo's destroy does not wait for peers.
         """
         if not (self.is_distributed and dist.is_initialized()):
             return
         gc.collect()
         if completed:
             dist.barrier()
+        elif dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()  # the world's groups, cleared as destroy clears them
+            return
         dist.destroy_process_group()
 
     @contextlib.contextmanager
@@ -248,11 +262,12 @@ class DistributedContext:
             dist.barrier()
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """`module` in DistributedDataParallel (gradients averaged over the ranks in backward); as is alone.
+        """`module` in DistributedDataParallel (gradients averaged over the ranks in backward); as is alone,
+        a group of one included (nothing to average).
 
         DDP broadcasts rank 0's parameters when it wraps, so every rank starts from the same model.
         """
-        if not self.is_distributed:
+        if self.world_size == 1:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 

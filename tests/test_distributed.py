@@ -59,6 +59,34 @@ def test_context_from_the_torchrun_environment():
         DistributedContext.from_env({"WORLD_SIZE": "two"})
 
 
+def test_under_torchrun_a_single_process_is_a_rank_of_a_group_of_one():
+    """torchrun --nproc_per_node=1: the process joins a group (on a GPU, what one GPU can run of NCCL), and
+    its model is not wrapped in DDP (nothing to average)."""
+    ctx = DistributedContext.from_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert (ctx.world_size, ctx.launched) == (1, True) and ctx.is_distributed and ctx.is_main
+    assert not DistributedContext.from_env({"WORLD_SIZE": ""}).is_distributed
+    module = torch.nn.Linear(2, 2)
+    assert ctx.wrap(module, CPU) is module
+
+
+@pytest.mark.parametrize(
+    ("backend", "completed", "calls"),
+    [("nccl", False, ["abort"]), ("gloo", False, ["destroy"]), ("nccl", True, ["barrier", "destroy"])],
+)
+def test_a_failed_rank_aborts_an_nccl_group_and_destroys_a_gloo_one(monkeypatch, backend, completed, calls):
+    """A failed or stopped rank waits for no other: NCCL's communicators are aborted (destroying them would
+    finalise them, which may wait for a lost peer); gloo's group is destroyed; a finished rank meets the
+    others at a barrier first."""
+    made: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: made.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: made.append("destroy"))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda *a, **k: made.append("abort"))
+    DistributedContext(rank=0, world_size=1, launched=True).cleanup(completed=completed)
+    assert made == calls
+
+
 def test_devices_and_backends():
     one, two = DistributedContext(), DistributedContext(rank=1, world_size=2, local_rank=1)
     assert one.device(torch.device("cuda:1")) == torch.device("cuda:1")  # a single process keeps its choice
