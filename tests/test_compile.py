@@ -113,10 +113,11 @@ def test_compiled_model_loss_matches_eager(kernel_device, case):
 # ------------------------------------------------------------------------------ the training step, β
 
 
-def test_a_compiled_kl_warmup_makes_one_graph_and_trains_as_eager(monkeypatch, tmp_path):
+def test_a_compiled_kl_warmup_compiles_once_and_trains_as_eager(monkeypatch, tmp_path):
     """--compile --fused over a whole --kl-warmup (beta new at every step): beta reaches the fused loss as a
-    device tensor, so the step compiles once rather than once per value (a Python float is a constant of the
-    graph: 8 graphs, then the recompile limit); the compiled run trains as the eager one does."""
+    device tensor, so the step is not compiled again for each value (a Python float is a constant of the
+    graph: 15 graphs here), nor again once the fused ops were imported; the compiled run trains as the eager
+    one does."""
     torch._dynamo.reset()
     counter = CompileCounter()
     real_compile = torch.compile
@@ -124,12 +125,9 @@ def test_a_compiled_kl_warmup_makes_one_graph_and_trains_as_eager(monkeypatch, t
     args = [*TINY, "--fused", "--kl-warmup", "12", "--epochs", "2", "--no-pictures"]
     assert train.main([*args, "--compile", "--out", str(tmp_path / "compiled")]) == 0
     assert train.main([*args, "--out", str(tmp_path / "eager")]) == 0
-    assert 1 <= counter.frame_count <= 2
+    assert counter.frame_count == 1
     compiled, eager = metrics_rows(tmp_path / "compiled"), metrics_rows(tmp_path / "eager")
-    assert [row["beta"] for row in compiled if row["kind"] == "train"] == [
-        row["beta"] for row in eager if row["kind"] == "train"
-    ]
-    assert [row.keys() for row in compiled] == [row.keys() for row in eager]
+    assert [row.keys() for row in compiled] == [row.keys() for row in eager]  # beta among them, changing
     for got, want in zip(compiled, eager, strict=True):
         for key, value in want.items():
             assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-5) if isinstance(value, float) else value)
