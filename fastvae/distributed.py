@@ -306,7 +306,7 @@ class LossForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, beta: float, iw_samples: int) -> Any:
+    def forward(self, x: Tensor, beta: float | Tensor, iw_samples: int) -> Any:
         return self.model.loss(x, beta=beta, iw_samples=iw_samples)
 
 

@@ -23,7 +23,7 @@ import torch
 from fastvae import checkpoint as ckpt
 from fastvae.data import DeviceBatches
 from fastvae.distributed import DistributedContext, LossForward, seed_noise
-from fastvae.graphs import GraphedSteps
+from fastvae.graphs import DeviceBeta, GraphedSteps
 from fastvae.model import VAE, LossOutput
 from fastvae.options import ConfigError
 from fastvae.units import bits_per_dim, sigma_stats
@@ -164,6 +164,8 @@ class Trainer:
             self.model.parameters(), lr=self.config["lr"], fused=cuda, capturable=graphed
         )
         self.loss_step = self._make_loss_step()
+        # β as the step's forward takes it with --compile or --cuda-graphs: a device tensor (see beta_arg)
+        self.device_beta = DeviceBeta(self.device, self.beta()) if graphed or self.config["compile"] else None
         self.running = RunningMeans(self.device, self.ctx)
         self.metrics_rows = 0  # lines written to metrics.jsonl (kept in the checkpoint)
         self.stop_signal: int | None = None
@@ -177,7 +179,7 @@ class Trainer:
         # --cuda-graphs: the steps as replays of a captured graph (fastvae/graphs.py)
         self.graphed = GraphedSteps(self) if graphed else None
 
-    def _make_loss_step(self) -> Callable[[torch.Tensor, float], LossOutput]:
+    def _make_loss_step(self) -> Callable[[torch.Tensor, float | torch.Tensor], LossOutput]:
         """The step's forward: `model.loss` itself, or under torchrun the DistributedDataParallel-wrapped
         loss (which averages the gradients over the ranks in backward); in bf16 autocast with --amp bf16;
         compiled with --compile."""
@@ -192,7 +194,7 @@ class Trainer:
 
         cache = not self.config.get("cuda_graphs")
 
-        def loss_step(x: torch.Tensor, beta: float) -> LossOutput:
+        def loss_step(x: torch.Tensor, beta: float | torch.Tensor) -> LossOutput:
             with autocast(self.device, amp, cache):
                 return forward(x, beta)
 
@@ -203,6 +205,13 @@ class Trainer:
         warmup = self.config["kl_warmup"]
         return self.config["beta"] * (min(1.0, self.step / warmup) if warmup else 1.0)
 
+    def beta_arg(self) -> float | torch.Tensor:
+        """The KL weight as the step's forward is given it: `beta()`, or with --compile or --cuda-graphs the
+        0-dim float32 device tensor `device_beta` refilled with it, which the loss reads on the device (a
+        compiled step would otherwise be specialised on every value of a --kl-warmup: a graph per step)."""
+        beta = self.beta()
+        return beta if self.device_beta is None else self.device_beta.set(beta)
+
     def step_on(self, indices: torch.Tensor) -> None:
         """One training step on the samples `indices` of the training split: a replay with --cuda-graphs."""
         if self.graphed is not None:
@@ -212,7 +221,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> None:
         """One eager step on the batch x (B, D)."""
-        self.step_body(x, self.beta())
+        self.step_body(x, self.beta_arg())
         self.after_step(len(x))
 
     def step_body(self, x: torch.Tensor, beta: float | torch.Tensor) -> None:
@@ -430,7 +439,7 @@ class Trainer:
         for x in self.train.epoch(epoch, position):
             if self.step >= detected:
                 break
-            beta, lr = self.beta(), self.optimizer.param_groups[0]["lr"]
+            beta, lr = self.beta_arg(), self.optimizer.param_groups[0]["lr"]
             with torch.no_grad(), autocast(self.device, self.config["amp"]):
                 _, logvar = self.model.encode(x)
             max_logvar = logvar.detach().abs().max().item()

@@ -29,8 +29,14 @@ _SEED_LOW, _SEED_HIGH = 2**31, 2**62
 
 
 def _ops():
-    """`fastvae.ops`, imported on first use (it imports triton)."""
+    """`fastvae.ops`, imported on first use (it imports triton) and kept in `_OPS`. Where torch.compile traces,
+    imported without reading `_OPS`: Dynamo would guard on that global, which the first call sets, so every
+    compiled program would be compiled a second time."""
     global _OPS
+    if torch.compiler.is_compiling():
+        import fastvae.ops as ops
+
+        return ops
     if _OPS is None:
         import fastvae.ops as ops
 
@@ -153,11 +159,10 @@ def _check_latent_inputs(mu: object, logvar: object, samples: object, impl: obje
 
 def _fused_latent(mu: Tensor, logvar: Tensor, samples: int, log_ratio: bool) -> tuple[Tensor, ...]:
     """The fused latent step: the autograd Function, or the custom op when torch.compile traces."""
-    ops = _OPS or _ops()
     if not torch.compiler.is_compiling():
-        return ops.SampleLatent.apply(mu, logvar, _draw_seed(mu.device), samples, log_ratio)
+        return (_OPS or _ops()).SampleLatent.apply(mu, logvar, _draw_seed(mu.device), samples, log_ratio)
     seed = torch.randint(_SEED_LOW, _SEED_HIGH, (1,), dtype=torch.int64)  # traced: a CPU draw
-    z, kl, lr = ops.sample_latent_op(mu, logvar, seed, samples)
+    z, kl, lr = _ops().sample_latent_op(mu, logvar, seed, samples)
     if log_ratio:
         return z, kl, lr
     return (z.squeeze(0) if samples == 1 else z), kl

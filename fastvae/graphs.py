@@ -40,6 +40,24 @@ def noise_base(seed: int, rank: int) -> int:
     return 2**31 + rank_seed(seed, rank) % (2**61 - 2**31)
 
 
+class DeviceBeta:
+    """The KL weight as a 0-dim float32 tensor on `device`, which the loss reads from device memory: what a
+    captured step (--cuda-graphs) and a compiled one (--compile) are given, so that a weight that changes every
+    step (--kl-warmup) needs neither a new capture nor a new graph (a float would be a constant of both)."""
+
+    def __init__(self, device: torch.device, value: float) -> None:
+        self.value = value
+        self.tensor = torch.full((), value, dtype=torch.float32, device=device)
+
+    def set(self, value: float) -> torch.Tensor:
+        """The tensor, refilled with `value` if that differs from its value (a fill on the device: no host
+        synchronisation)."""
+        if value != self.value:
+            self.tensor.fill_(value)
+            self.value = value
+        return self.tensor
+
+
 class GraphedSteps:
     """The steps of `trainer` as replays of one captured CUDA graph (see the module docstring)."""
 
@@ -48,8 +66,6 @@ class GraphedSteps:
         device = trainer.device
         self.seeds = functional.DeviceSeeds(device, noise_base(trainer.config["seed"], trainer.ctx.rank))
         self.indices = torch.zeros(trainer.train.batch_size, dtype=torch.int64, device=device)
-        self._beta = trainer.beta()
-        self.beta = torch.full((), self._beta, dtype=torch.float32, device=device)  # the KL weight replays read
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def invalidate(self) -> None:
@@ -64,10 +80,7 @@ class GraphedSteps:
     def step(self, indices: torch.Tensor) -> None:
         """One training step on the samples `indices` (int64, the batch size, on the device)."""
         trainer = self.trainer
-        beta = trainer.beta()
-        if beta != self._beta:  # during --kl-warmup; a fill on the device, no host sync
-            self.beta.fill_(beta)
-            self._beta = beta
+        trainer.beta_arg()  # refilled during --kl-warmup: a fill on the device, no host sync
         with current_device(trainer.device):  # a graph captures and replays on the current device's stream
             if self.graph is None:
                 self._warm_up(indices)
@@ -87,7 +100,7 @@ class GraphedSteps:
             # Capturable Adam warns, once, that it steps outside a capture: these steps are meant to.
             warnings.filterwarnings("ignore", message=".*capturable=True.*", category=UserWarning)
             for _ in range(WARMUP_STEPS):
-                trainer.step_body(trainer.train.gather(indices), self.beta)
+                trainer.step_body(trainer.train.gather(indices), trainer.device_beta.tensor)
         trainer.restore(before)
 
     def _capture(self) -> None:
@@ -98,7 +111,7 @@ class GraphedSteps:
     def _body(self) -> None:
         """What a replay runs: the step on the samples in the index buffer, drawing from the device seeds."""
         with functional.device_seeds(self.seeds):
-            self.trainer.step_body(self.trainer.train.gather(self.indices), self.beta)
+            self.trainer.step_body(self.trainer.train.gather(self.indices), self.trainer.device_beta.tensor)
 
 
 def init_adam_state(optimizer: torch.optim.Adam) -> None:

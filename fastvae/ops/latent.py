@@ -64,8 +64,15 @@ class SampleLatent(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------ the torch.compile path
 
+# The traced graph draws the seed on the CPU and these ops read it on the host, at each call: recorded in a CUDA
+# graph (torch.compile's mode="reduce-overhead"), the launch would keep the seed it was recorded with, and
+# every replay would repeat its noise. Tagged cudagraph_unsafe, Inductor runs them between its CUDA graphs
+# (graph partitioning) or records none of the graph. (A torch without the tag does not partition graphs by
+# default either: there the graph's CPU draw keeps the whole graph out of CUDA graphs.)
+_OUTSIDE_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
-@torch.library.custom_op("fastvae::sample_latent", mutates_args=())
+
+@torch.library.custom_op("fastvae::sample_latent", mutates_args=(), **_OUTSIDE_CUDA_GRAPHS)
 def sample_latent_op(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, Tensor, Tensor]:
     """mu, logvar (B, K); seed int64 (1,) on the CPU or mu's device. Returns z (S, B, K), kl (B,) fp32,
     log_ratio (S, B) fp32."""
@@ -82,7 +89,7 @@ def _(mu: Tensor, logvar: Tensor, seed: Tensor, samples: int) -> tuple[Tensor, T
     )
 
 
-@torch.library.custom_op("fastvae::sample_latent_backward", mutates_args=())
+@torch.library.custom_op("fastvae::sample_latent_backward", mutates_args=(), **_OUTSIDE_CUDA_GRAPHS)
 def sample_latent_backward_op(
     grad_z: Tensor, grad_kl: Tensor | None, grad_log_ratio: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor
 ) -> tuple[Tensor, Tensor]:
