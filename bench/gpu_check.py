@@ -133,7 +133,7 @@ FAILED_OUTCOMES = ("failed", "error", "xpassed", "crashed", "faulted")  # a test
 REPORT_TAIL_CHARS = 3000  # of a crashed test process's output, as its failure's report
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 SANITIZER_ERROR_EXIT = 99  # --error-exitcode: the tool's exit status when it found something
-KERNELS_DIR = ROOT / "fastvae" / "kernels"
+KERNELS_DIR = ROOT / "kernels"  # installed as fastvae.kernels (pyproject.toml's package-dir)
 TRITON_RACE_ISSUE = "triton-lang/triton#7264"
 TRITON_LIBRARY = "/triton/language/"  # Triton's own code, where a reduction's shared-memory traffic is placed
 # racecheck's report of a shared-memory race: each access at KERNEL+OFFSET in FILE:LINE.

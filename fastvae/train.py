@@ -490,7 +490,7 @@ def _train(
         console.print(
             f"Training on {splits.name} {tuple(splits.sample_shape)}: {len(splits.train)} train, "
             f"{len(splits.test)} test samples; {device}, {_ops_name(config)}. Run directory: {out_dir}"
-            + (f"; {ctx.world_size} processes, global batch {args.batch_size}" if ctx.is_distributed else ""),
+            + (f"; {_processes(ctx.world_size)}, global batch {args.batch_size}" if ctx.is_distributed else ""),
             soft_wrap=True, markup=False,
         )
         if state is not None:
@@ -584,6 +584,11 @@ def finish_run(
     for reason in skipped:
         console.print(f"Skipped {reason}", soft_wrap=True, markup=False)
     console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
+
+
+def _processes(count: int) -> str:
+    """A torchrun job's size in words: 1 process, 2 processes."""
+    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,16 @@ def gloo_threads() -> list[str]:
     return [name for name in names if "gloo" in name]
 
 
+def gloo_threads_after(grace: float = 2.0) -> list[str]:
+    """`gloo_threads()` once they are gone, or after `grace` seconds: a destroyed group's transport loop
+    (`gloo_tcp_loop`) was once seen to end a moment after destroy_process_group returned, on a loaded
+    2-core machine. A group that outlives its destroy keeps its threads for good."""
+    deadline = time.monotonic() + grace
+    while (left := gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def wrap() -> int:
     ctx, cpu = DistributedContext.from_env(), torch.device("cpu")
     with ctx.session(cpu):
@@ -44,5 +55,5 @@ if __name__ == "__main__":
         code = train.main(sys.argv[2:])
     else:
         code = wrap()
-    print(f"rank {os.environ['RANK']}: exit code {code}, gloo threads left {gloo_threads()}", flush=True)
+    print(f"rank {os.environ['RANK']}: exit code {code}, gloo threads left {gloo_threads_after()}", flush=True)
     sys.exit(code)
