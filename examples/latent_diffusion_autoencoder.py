@@ -118,12 +118,17 @@ class Decoder(nn.Module):
 
 
 def build(
-    data_shape: Sequence[int], channels: Sequence[int] = (16, 32, 64), latent_channels: int = 4
+    data_shape: Sequence[int],
+    channels: Sequence[int] = (16, 32, 64),
+    latent_channels: int = 4,
+    log_scale_init: float = -2.0,
 ) -> fastvae.VAE:
     """The factory (`--model examples.latent_diffusion_autoencoder:build`): a KL autoencoder for images of
     data_shape (C, H, W), H and W divisible by 2^len(channels) (8 by default), as a `fastvae.VAE` with the
     latent shape (latent_channels, H / 2^L, W / 2^L), a Gaussian likelihood and a learned log sigma per
-    image channel (`log_scale_shape` (C, 1, 1)). channels: the width of each downsampling level."""
+    image channel (`log_scale_shape` (C, 1, 1)). channels: the width of each downsampling level.
+    log_scale_init: the learned log sigma's start, in the data's units ([0, 1] for images): -2 is sigma
+    0.14 (latent diffusion's `logvar_init` is a log-variance, 2 * log sigma, 0 there)."""
     if len(data_shape) != 3:
         raise ValueError(f"images of shape (C, H, W) are needed, got data_shape {tuple(data_shape)}")
     widths = [int(w) for w in channels]
@@ -135,7 +140,7 @@ def build(
         raise ValueError(
             f"H and W must be divisible by {factor} ({len(widths)} stride-2 levels), got data_shape {tuple(data_shape)}"
         )
-    return fastvae.VAE(
+    model = fastvae.VAE(
         (c, h, w),
         (latent_channels, h // factor, w // factor),
         encoder=Encoder(c, widths, latent_channels),
@@ -144,6 +149,9 @@ def build(
         sigma="learned",
         log_scale_shape=(c, 1, 1),
     )
+    with torch.no_grad():
+        model.log_scale.fill_(log_scale_init)
+    return model
 
 
 def coloured_sprites(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -182,8 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-test", type=int, help="CIFAR-10: use the first N test images")
     parser.add_argument("--channels", type=_widths, default=[16, 32, 64], help="widths of the levels")
     parser.add_argument("--latent-channels", type=int, default=4, help="channels of z")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the model, the order and z")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -66,7 +66,8 @@ def test_the_latent_is_a_feature_map_of_an_eighth_of_the_side_with_a_scale_per_c
     torch.manual_seed(0)
     model = example.build((3, SIDE, SIDE), **TINY)
     h = SIDE // 8
-    assert model.latent_shape == (4, h, h) and model.log_scale.shape == (3, 1, 1)
+    assert model.latent_shape == (4, h, h) and torch.equal(model.log_scale, torch.full((3, 1, 1), -2.0))
+    assert example.build((3, SIDE, SIDE), log_scale_init=-1.0).log_scale.eq(-1.0).all()
     x = _sprites()[:5].float() / 255
     moments = model.encoder(x)
     assert moments.shape == (5, 8, h, h)  # an AutoencoderKL's moments: mu, then logvar, along dim 1
