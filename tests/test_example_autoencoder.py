@@ -184,5 +184,11 @@ def test_main_trains_and_prints_the_final_test_elbo(dataset, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["data_shape"] == [3, side, side]
     if dataset == "sprites":
         assert all((out / name).stat().st_size > 0 for name in ("samples.png", "reconstructions.png", "loss.png"))
+        # The example's own --resume renders the same images again, and the run goes on with a second epoch.
+        steps = checkpoint.load(out / "checkpoint.pt")["step"]
+        resume = [a for a in args if a not in ("--out", str(out))]
+        assert example.main([*resume, "--resume", str(out), "--epochs", "2"]) == 0
+        assert checkpoint.load(out / "checkpoint.pt")["step"] == 2 * steps
+        capsys.readouterr()
     assert example.main([*args, "--epochs", "0"]) == 2  # an `error:` line
     assert capsys.readouterr().err.startswith("error: ")
