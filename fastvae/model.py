@@ -190,10 +190,9 @@ def _log_scale_shape(value: object, sigma: float | str, data_shape: tuple[int, .
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(
-            f"`log_scale_shape` {shape} must broadcast to data_shape {data_shape}, e.g. ({data_shape[0]}, "
-            f"{', '.join('1' * (len(data_shape) - 1))}) per channel, or be the flattened ({dim},)"
-        )
+        ones = ", ".join("1" * (len(data_shape) - 1))
+        example = f", e.g. ({data_shape[0]}, {ones}) per channel, or be the flattened ({dim},)" if ones else ""
+        raise ValueError(f"`log_scale_shape` {shape} must broadcast to data_shape {data_shape}{example}")
     return shape
 
 
