@@ -176,6 +176,26 @@ def _sigma(value: object, likelihood: str) -> float | str:
     return sigma
 
 
+def _log_scale_shape(value: object, sigma: float | str, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a learned `log_scale`: (D,) by default, or a shape that broadcasts to data_shape, such as
+    (C, 1, 1) for one sigma per channel. Only with sigma='learned'."""
+    dim = math.prod(data_shape)
+    if value is None:
+        return (dim,)
+    if sigma != "learned":
+        raise ValueError(f"`log_scale_shape` applies to sigma='learned' only, got sigma={sigma!r}")
+    shape = _shape("log_scale_shape", value)
+    try:
+        fits = shape == (dim,) or torch.broadcast_shapes(shape, data_shape) == data_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        ones = ", ".join("1" * (len(data_shape) - 1))
+        example = f", e.g. ({data_shape[0]}, {ones}) per channel, or be the flattened ({dim},)" if ones else ""
+        raise ValueError(f"`log_scale_shape` {shape} must broadcast to data_shape {data_shape}{example}")
+    return shape
+
+
 def _default_modules(
     arch: str, data_shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int]
 ) -> tuple[nn.Module, nn.Module]:
@@ -197,8 +217,10 @@ class VAE(nn.Module):
     encoder, decoder: your own modules instead of `arch` (both or neither; see the module docstring).
     likelihood: "gaussian" (the decoder gives the mean) or "bernoulli" (the decoder gives logits).
     sigma: the Gaussian's standard deviation: a fixed finite float >= 1e-19 (1.0, the default, is unit
-    variance) or "learned": a per-dimension parameter `log_scale` of shape (D,), init 0, which the likelihood
-    uses as log sigma = floored_log_scale(log_scale) >= LOG_SCALE_FLOOR (-6).
+    variance) or "learned": a parameter `log_scale` of shape `log_scale_shape`, init 0, which the likelihood
+    uses as log sigma = floored_log_scale(log_scale) >= LOG_SCALE_FLOOR (-6), expanded to data_shape.
+    log_scale_shape: with sigma="learned", (D,) (the default: one sigma per data dimension) or any shape
+    that broadcasts to data_shape, such as (C, 1, 1) for one sigma per channel.
     beta: the default weight of the KL term in `loss`, finite and >= 0. impl: "auto", "triton" or
     "torch", passed to every op ("auto" runs the Triton kernels on CUDA tensors).
     """
@@ -214,6 +236,7 @@ class VAE(nn.Module):
         decoder: nn.Module | None = None,
         likelihood: str = "gaussian",
         sigma: float | str = 1.0,
+        log_scale_shape: Sequence[int] | None = None,
         beta: float = 1.0,
         impl: str = "auto",
     ) -> None:
@@ -224,6 +247,7 @@ class VAE(nn.Module):
         self.latent_dim = math.prod(self.latent_shape)
         self.likelihood = checks.choice("likelihood", likelihood, checks.DISTS)
         self.sigma = _sigma(sigma, self.likelihood)
+        self.log_scale_shape = _log_scale_shape(log_scale_shape, self.sigma, self.data_shape)
         self.beta = checks.finite_non_negative("beta", beta)
         self.impl = checks.choice("impl", impl, checks.IMPLS)
         if (encoder is None) != (decoder is None):
@@ -245,7 +269,7 @@ class VAE(nn.Module):
                     raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(module).__name__}")
         self.encoder = encoder
         self.decoder = decoder
-        self.log_scale = nn.Parameter(torch.zeros(self.dim)) if self.sigma == "learned" else None
+        self.log_scale = nn.Parameter(torch.zeros(self.log_scale_shape)) if self.sigma == "learned" else None
 
     def extra_repr(self) -> str:
         latent = self.latent_dim if len(self.latent_shape) == 1 else self.latent_shape  # as it was given
@@ -291,12 +315,16 @@ class VAE(nn.Module):
 
     def log_sigma(self) -> Tensor | float | None:
         """The log sigma of the Gaussian likelihood, as the ops take it (`log_scale=`): for sigma='learned'
-        the parameter `log_scale` above its floor, `floored_log_scale(log_scale)`, a (D,) tensor (the
-        flattened data_shape, which the ops take with x (B, D) and (B, *data_shape) alike) that carries the
-        gradient; log(sigma), a float, for a fixed sigma; None for sigma 1 (unit variance) and for a
-        Bernoulli likelihood. Not a log-variance: logvar = 2 * log sigma."""
+        the parameter `log_scale` above its floor, `floored_log_scale(log_scale)`, as a (D,) tensor (the
+        flattened data_shape, which the ops take with x (B, D) and (B, *data_shape) alike; a `log_scale_shape`
+        such as (C, 1, 1) is expanded to data_shape first) that carries the gradient; log(sigma), a float,
+        for a fixed sigma; None for sigma 1 (unit variance) and for a Bernoulli likelihood. Not a
+        log-variance: logvar = 2 * log sigma."""
         if self.log_scale is not None:
-            return floored_log_scale(self.log_scale)
+            log_sigma = floored_log_scale(self.log_scale)
+            if log_sigma.shape != (self.dim,):
+                log_sigma = log_sigma.expand(self.data_shape).reshape(self.dim)
+            return log_sigma
         if self.likelihood == "gaussian" and self.sigma != 1.0:
             return math.log(self.sigma)
         return None

@@ -143,8 +143,7 @@ def check_own_model_options(args: argparse.Namespace, explicit: set[str], given:
 
 def model_settings(model: VAE, source: str, spec: str | None, model_args: dict[str, Any]) -> dict[str, Any]:
     """The config.json entries of an own model: where it came from and what the instance reports (its
-    likelihood, sigma and latent size, for the summary, the evaluation and the pictures)."""
-    latent = model.latent_dim
+    likelihood, sigma and latent size K and shape, for the summary, the evaluation and the pictures)."""
     return {
         "model_source": source,
         "model": spec,
@@ -152,7 +151,8 @@ def model_settings(model: VAE, source: str, spec: str | None, model_args: dict[s
         "model_class": class_name(model),
         "arch": model.arch,
         "hidden": None,
-        "latent_dim": list(latent) if isinstance(latent, tuple) else latent,
+        "latent_dim": model.latent_dim,
+        "latent_shape": list(model.latent_shape),
         "likelihood": model.likelihood,
         "sigma": model.sigma,
     }

@@ -390,8 +390,8 @@ def _model_for(
             config.update(model_settings(model, source, config.get("model"), model_args_of(config.get("model_args"))))
     elif config.get("model_source", "built-in") != "built-in":
         now = model_settings(model, config["model_source"], config.get("model"), config["model_args"])
-        for key in ("model_class", "arch", "latent_dim", "likelihood", "sigma"):
-            if now[key] != config.get(key):
+        for key in ("model_class", "arch", "latent_dim", "latent_shape", "likelihood", "sigma"):
+            if now[key] != config.get(key, now[key] if key == "latent_shape" else None):  # older runs lack it
                 raise ConfigError(
                     f"--resume {config['out']}: the model differs from the run's ({key} {json.dumps(now[key])}, "
                     f"was {json.dumps(config.get(key))})"

@@ -196,3 +196,44 @@ BAD = [
 def test_bad_latent_shapes_are_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_learned_scale_per_channel_is_the_per_dimension_scale_with_its_values_repeated(impl):
+    """log_scale_shape (C, 1, 1): the loss of a (D,) scale holding each channel's value at each of its pixels,
+    and the gradient of each channel the sum of that scale's gradients over the channel's pixels."""
+    torch.manual_seed(0)
+    channel = VAE(DATA_SHAPE, LATENT_SHAPE, encoder=MomentsEncoder(), decoder=MapDecoder(), impl=impl,
+                  sigma="learned", log_scale_shape=(DATA_SHAPE[0], 1, 1))  # fmt: skip
+    flat = VAE(DATA_SHAPE, LATENT_SHAPE, encoder=channel.encoder, decoder=channel.decoder, impl=impl, sigma="learned")
+    assert channel.log_scale.shape == (DATA_SHAPE[0], 1, 1) and flat.log_scale.shape == (math.prod(DATA_SHAPE),)
+    with torch.no_grad():
+        channel.log_scale.copy_(torch.tensor([-0.5, 0.0, 0.7]).view(-1, 1, 1))
+        flat.log_scale.copy_(channel.log_scale.expand(DATA_SHAPE).flatten())
+    assert torch.equal(channel.log_sigma(), flat.log_sigma()) and channel.log_sigma().shape == flat.log_scale.shape
+    losses = []
+    for model in (channel, flat):
+        torch.manual_seed(1)
+        losses.append(model.loss(images()).loss)
+        losses[-1].backward()
+    assert torch.equal(losses[0], losses[1])
+    per_channel = flat.log_scale.grad.view(DATA_SHAPE).sum(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(channel.log_scale.grad, per_channel, rtol=1e-5, atol=1e-6)
+    assert VAE(DATA_SHAPE, 2, sigma="learned", log_scale_shape=(1, 8, 1)).log_sigma().shape == (192,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"log_scale_shape": (3, 1, 1)}, r"`log_scale_shape` applies to sigma='learned' only, got sigma=1\.0"),
+        ({"sigma": "learned", "log_scale_shape": (2, 1, 1)},
+         r"`log_scale_shape` \(2, 1, 1\) must broadcast to data_shape \(3, 8, 8\), e\.g\. \(3, 1, 1\) per channel, "
+         r"or be the flattened \(192,\)"),
+        ({"sigma": "learned", "log_scale_shape": (1, 3, 1, 1)}, r"`log_scale_shape` \(1, 3, 1, 1\) must broadcast"),
+        ({"sigma": "learned", "log_scale_shape": (3, 0, 1)}, r"`log_scale_shape` must be a positive int or a sequence"),
+    ],
+    ids=["fixed-sigma", "channels", "more-dims", "zero"],
+)  # fmt: skip
+def test_a_bad_log_scale_shape_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(DATA_SHAPE, 2, **kwargs)

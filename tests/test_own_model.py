@@ -17,6 +17,7 @@ import own_models
 import pytest
 import torch
 from run_helpers import TIMING, assert_same_state, metrics_rows
+from torch import nn
 
 import fastvae
 import fastvae.data
@@ -288,3 +289,20 @@ def test_a_run_without_versions_or_shape_names_what_is_missing(cli_run, tmp_path
     assert "fastvae ?" not in message and "\n" not in message and "load_run(run_dir, model=...)" in message
     model, _ = fastvae.load_run(run, model=own_models.flat_vae(SHAPE, width=12))
     assert _same_weights(model, cli_run)
+
+
+def _pair_model(latent_shape: tuple[int, int]) -> fastvae.VAE:
+    """K = 2 in the latent shape (1, 2) or (2, 1), moments (N, 2, 2) or (N, 4, 1): the same weights either way."""
+    torch.manual_seed(3)
+    encoder = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (2 * latent_shape[0], latent_shape[1])))
+    return fastvae.VAE(4, latent_shape, encoder=encoder, decoder=nn.Sequential(nn.Flatten(), nn.Linear(2, 4)))
+
+
+def test_a_run_records_its_latent_shape_and_a_resume_keeps_it(tmp_path):
+    data = torch.rand(40, 4, generator=torch.Generator().manual_seed(0))
+    options = {"batch_size": 8, "epochs": 2, "device": "cpu", "pictures": False}
+    run, _ = fastvae.fit(_pair_model((1, 2)), data, out=tmp_path / "run", stop_after=2, **options)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["latent_dim"], config["latent_shape"]) == (2, [1, 2])
+    with pytest.raises(ConfigError, match=r"model differs from the run's \(latent_shape \[2, 1\], was \[1, 2\]\)"):
+        fastvae.fit(_pair_model((2, 1)), data, resume=run)
