@@ -478,7 +478,8 @@ def _train(
             write_json(out_dir / "config.json", config)
     launcher = "torchrun [the same torchrun options]" if ctx.is_distributed else "python"
     resume_command = f"{launcher} -m fastvae.train --resume {shlex.quote(str(out_dir))}"
-    if config.get("model_source") == "in-process" or config.get("data_in_process"):
+    in_process = config.get("model_source") == "in-process" or bool(config.get("data_in_process"))
+    if in_process:
         resume_command = f"fastvae.fit(model, data, resume={str(out_dir)!r})"
     if completed:
         console.print(
@@ -502,7 +503,7 @@ def _train(
             trainer.metrics = metrics
             _train_epochs(trainer, console, start_epoch, start_position, resume_command)
     if ctx.is_main:
-        finish_run(trainer, splits, out_dir, console, args.pictures, completed, resume_command)
+        finish_run(trainer, splits, out_dir, console, args.pictures, completed, resume_command, in_process)
     return out_dir, final_rows(trainer)
 
 
@@ -545,9 +546,11 @@ def finish_run(
     pictures: bool,
     only_missing: bool,
     resume_command: str,
+    in_process: bool = False,
 ) -> None:
     """The end of a run, on rank 0, after its last checkpoint: draw its pictures (with `only_missing`, those
-    not in `out_dir`; none without `pictures`), print the summary table and what was written.
+    not in `out_dir`; none without `pictures`), print the summary table and what was written, and how to
+    evaluate the run (`in_process`: its model or data were given to fastvae.fit, which evaluate cannot load).
 
     A SIGINT or SIGTERM while the pictures are drawn raises PicturesInterrupted: the pictures already drawn
     are whole (each is written atomically), and `resume_command` draws the others.
@@ -583,7 +586,14 @@ def finish_run(
         console.print(f"Pictures: {paths}", soft_wrap=True, markup=False)
     for reason in skipped:
         console.print(f"Skipped {reason}", soft_wrap=True, markup=False)
-    console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
+    if in_process:
+        console.print(
+            f"Load the model with: fastvae.load_run({str(out_dir)!r}), with model= for a model given as an "
+            "instance (its model or data were given to fastvae.fit in-process, which fastvae.evaluate cannot load)",
+            soft_wrap=True, markup=False,
+        )
+    else:
+        console.print(f"Evaluate with: python -m fastvae.evaluate {out_dir}", soft_wrap=True, markup=False)
 
 
 def _processes(count: int) -> str:

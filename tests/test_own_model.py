@@ -104,10 +104,12 @@ def _fresh_model() -> fastvae.VAE:
 
 
 @pytest.mark.slow
-def test_fit_with_an_instance_and_an_array_resumes_exactly(tmp_path):
+def test_fit_with_an_instance_and_an_array_resumes_exactly(tmp_path, capsys):
     data = _sprites()
     whole_model = _fresh_model()
     whole, final = fastvae.fit(whole_model, data, out=tmp_path / "whole", **FIT)
+    printed = " ".join(capsys.readouterr().out.split())  # the console wraps lines
+    assert f"Load the model with: fastvae.load_run({str(whole)!r})" in printed and "Evaluate with" not in printed
     assert whole == tmp_path / "whole" and _untimed(final) == _untimed(_last_rows(whole))
     assert _same_weights(whole_model, whole)  # the instance was trained in place
 
