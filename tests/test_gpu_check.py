@@ -380,7 +380,10 @@ def test_the_tests_run_in_order_and_a_crash_or_cuda_fault_is_that_tests_and_the_
     step = kit.steps[1]
     try:
         kit.current = step
-        gpu_check.run_pytest(kit, step, ["--first-gpu-then", "test_one.py,test_two.py,test_three.py", str(tests_dir)])
+        # The sample's own root: without one, pytest roots the node IDs at the common ancestor of the
+        # checkout and tmp_path (/tmp for a clone under /tmp), and they would name that path.
+        order = ["--first-gpu-then", "test_one.py,test_two.py,test_three.py"]
+        gpu_check.run_pytest(kit, step, [f"--rootdir={tests_dir}", *order, str(tests_dir)])
         jsonl = (kit.scratch / "tests.jsonl").read_text()
     finally:
         shutil.rmtree(kit.scratch)
