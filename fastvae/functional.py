@@ -328,7 +328,7 @@ def log_likelihood(
         x, out, log_scale = _flat_data(x, out, log_scale)
         return log_likelihood(x, out, dist=dist, log_scale=log_scale, impl=impl)
     if impl == "triton":
-        op = _ops().log_likelihood_op if torch.compiler.is_compiling() else _ops().LogLikelihood.apply
+        op = _ops().log_likelihood_op if torch.compiler.is_compiling() else (_OPS or _ops()).LogLikelihood.apply
         return op(x, out, *_split_log_scale(log_scale), dist)
     return ref.log_likelihood_reference(x, out, dist, log_scale)
 
@@ -354,13 +354,13 @@ def _elbo(
     ls_tensor, ls_const = _split_log_scale(log_scale)
     need_dls = ls_tensor is not None and ls_tensor.requires_grad
     if torch.compiler.is_compiling():
+        ops = _ops()
         beta_tensor, beta_value = (beta, 0.0) if isinstance(beta, Tensor) else (None, beta)
-        loss, state, *_ = _ops().elbo_loss_op(
-            x, out, kl, ls_tensor, ls_const, dist, beta_tensor, beta_value, need_dls
-        )
+        loss, state, *_ = ops.elbo_loss_op(x, out, kl, ls_tensor, ls_const, dist, beta_tensor, beta_value, need_dls)
     else:
-        loss, state = _ops().ElboLoss.apply(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
-    return loss, _ops().elbo_terms_of(state) if with_terms else None
+        ops = _OPS or _ops()  # eager: the module once imported, without _ops()'s compile check
+        loss, state = ops.ElboLoss.apply(x, out, kl, ls_tensor, ls_const, dist, beta, need_dls)
+    return loss, ops.elbo_terms_of(state) if with_terms else None
 
 
 def elbo_terms(
